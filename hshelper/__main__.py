@@ -1,0 +1,5 @@
+import sys
+
+from hshelper.cli import main
+
+sys.exit(main())
