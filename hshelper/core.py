@@ -1,0 +1,40 @@
+"""The core's own hook answers (the always-loaded "core" plugin): its config keys and
+the VM run that plugins wrap."""
+
+from __future__ import annotations
+
+from hshelper.config import Key
+from hshelper.hookspecs import hookimpl
+
+COMPRESSIONS = ("auto", "zstd", "lz4", "gzip", "xz", "none")
+
+
+@hookimpl
+def hshelper_config_keys() -> list[Key]:
+    return [
+        Key("image", "kernel", str, "", "kernel version to use; empty: the newest installed"),
+        Key("image", "module_lists", list, [],
+            "extra kernel-modules.lst files (same format) whose modules join the image"),
+        Key("image", "modules", list, [], "extra kernel modules ('name' or 'name?')"),
+        Key("image", "programs", list, [], "extra programs for the image (names or paths)"),
+        Key("image", "compression", str, "auto",
+            "initrd compression; auto: the fastest the kernel can unpack", COMPRESSIONS),
+        Key("image", "cache_dir", str, "",
+            "where built images are kept; empty: $XDG_CACHE_HOME/hshelper"),
+        Key("run", "memory", int, 0, "guest memory in MiB; 0: fit the machine"),
+        Key("run", "cpus", int, 0, "guest CPUs; 0: up to 2"),
+        Key("run", "timeout", float, 0.0, "seconds before the command is stopped (exit 124)"),
+        Key("run", "qemu", str, "", "the qemu program; empty: qemu-system-ARCH from PATH"),
+        Key("run", "mode", str, "image",
+            "image: programs from the helper image; root: the build root is the guest's /",
+            ("image", "root")),
+        Key("plugins", "disable", list, [], "built-in or installed plugins to turn off"),
+        Key("plugins", "load", list, [], "local plugin files (Python) to load"),
+    ]
+
+
+@hookimpl(trylast=True)
+def hshelper_run_vm(vm, stop, timeout):
+    """Start qemu and stream its channels until it ends."""
+    vm.start()
+    return vm.wait(timeout, stop)

@@ -1,0 +1,441 @@
+"""The image stage: plugins' contents -> a plan -> a cached, compressed initrd.
+
+``build_image(host, sysroot, config)`` is the one public entry point. Planning only
+stats files and reads ELF headers, so a cache hit costs milliseconds: the cache key is
+a hash of every planned entry (path, type, mode, and the source's size, mtime and inode
+or the generated data's hash) plus the kernel and the options. Only a miss reads the
+files, writes the archive and compresses it, under a temporary name renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import shutil
+import stat
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hshelper import __version__, cpio, elf, kmod, rootpath, runner
+from hshelper.errors import HshelperError
+from hshelper.model import Contents, ImageResult, Program
+from hshelper.sysroot import Kernel, Sysroot
+
+# Fastest to unpack first: under TCG the guest's decompression time is boot time.
+COMPRESSION_ORDER = ("zstd", "lz4", "gzip", "xz")
+KCONFIG_FOR = {"zstd": "CONFIG_RD_ZSTD", "lz4": "CONFIG_RD_LZ4", "gzip": "CONFIG_RD_GZIP",
+               "xz": "CONFIG_RD_XZ"}
+MODULE_DIR = "/hshelper/modules"
+STANDARD_DIRS = ("/bin", "/sbin", "/lib", "/lib64", "/usr/bin", "/usr/sbin", "/usr/lib",
+                 "/usr/lib64")
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One archive member before any file is read.
+
+    ``source`` is a host path to copy (``decompress``: a kernel module to unpack first),
+    ``data`` generated content, ``target`` a symlink target, ``rdev`` a device number.
+    ``stamp`` identifies the source's current content cheaply (size, mtime_ns, inode).
+    """
+
+    path: str
+    kind: str  # "dir", "file", "link", "chr", "blk"
+    mode: int
+    origin: str
+    source: str | None = None
+    data: bytes | None = None
+    target: str | None = None
+    rdev: tuple[int, int] = (0, 0)
+    decompress: bool = False
+    stamp: tuple[int, ...] = ()
+
+    def key_material(self) -> list:
+        content = hashlib.sha256(self.data).hexdigest() if self.data is not None else None
+        return [self.path, self.kind, self.mode, self.source, content, self.target,
+                list(self.rdev), self.decompress, list(self.stamp)]
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    kernel: Kernel
+    kernel_host: Path
+    kernel_stamp: tuple[int, ...]
+    entries: tuple[PlanEntry, ...]
+    compression: str
+    mtime: int
+    modules: tuple[str, ...]
+    missing: tuple[str, ...]
+    features: frozenset[str]
+
+    def key(self) -> str:
+        material = [__version__, self.kernel.version, str(self.kernel_host),
+                    list(self.kernel_stamp), self.compression, self.mtime,
+                    [e.key_material() for e in self.entries]]
+        return hashlib.sha256(json.dumps(material).encode()).hexdigest()[:32]
+
+
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@dataclass
+class _PlanBuilder:
+    """Collects entries, replicating the build root's directories and symlinks."""
+
+    sysroot: Sysroot
+    entries: dict[str, PlanEntry] = field(default_factory=dict)
+
+    def _put(self, entry: PlanEntry) -> None:
+        old = self.entries.get(entry.path)
+        if old is not None and old.kind != entry.kind:
+            raise HshelperError(f"image entry {entry.path} is both a {old.kind} "
+                                f"({old.origin}) and a {entry.kind} ({entry.origin})")
+        if old is None or entry.kind != "dir":
+            self.entries[entry.path] = entry
+
+    def directory(self, path: str, origin: str, mode: int = 0o755) -> None:
+        path = rootpath.normalize(path)
+        if path == "/":
+            return
+        self.directory(os.path.dirname(path), origin)
+        if path not in self.entries:
+            self._put(PlanEntry(path, "dir", mode, origin))
+
+    def _parents(self, path: str, origin: str) -> None:
+        """Create the parents of a resolved path with the build root's modes."""
+        parent = os.path.dirname(path)
+        chain = []
+        while parent != "/" and parent not in self.entries:
+            chain.append(parent)
+            parent = os.path.dirname(parent)
+        for directory in reversed(chain):
+            try:
+                mode = stat.S_IMODE(os.lstat(self.sysroot.host(directory)).st_mode)
+            except OSError:
+                mode = 0o755
+            self._put(PlanEntry(directory, "dir", mode, origin))
+
+    def from_root(self, guest: str, origin: str, dest: str | None = None) -> str:
+        """Copy a build-root path (and every symlink on the way) into the image.
+
+        Returns the resolved guest path. ``dest`` puts a file elsewhere in the image.
+        """
+        resolved = self.sysroot.resolve(guest)
+        for link, target in resolved.links:
+            self._parents(link, origin)
+            self._put(PlanEntry(link, "link", 0o777, origin, target=target))
+        st = os.stat(resolved.host)
+        where = dest or resolved.path
+        self._parents(where, origin)
+        if stat.S_ISDIR(st.st_mode):
+            self._put(PlanEntry(where, "dir", stat.S_IMODE(st.st_mode), origin))
+        elif stat.S_ISREG(st.st_mode):
+            if not os.access(resolved.host, os.R_OK):
+                raise HshelperError(f"{resolved.path} in the build root is not readable by "
+                                    f"uid {os.getuid()}", hint=f"chmod a+r {resolved.path}")
+            self._put(PlanEntry(where, "file", stat.S_IMODE(st.st_mode), origin,
+                                source=str(resolved.host), stamp=_stamp(st)))
+        else:
+            raise HshelperError(f"{resolved.path}: only files and directories can be copied "
+                                "into the image")
+        return resolved.path
+
+    def generated(self, path: str, data: bytes, mode: int, origin: str) -> None:
+        self._parents(path, origin)
+        self._put(PlanEntry(path, "file", mode, origin, data=data))
+
+    def link(self, path: str, target: str, origin: str) -> None:
+        self._parents(path, origin)
+        self._put(PlanEntry(path, "link", 0o777, origin, target=target))
+
+
+def merge_contents(parts: list[Contents]) -> Contents:
+    """Merge the plugins' contributions in order, de-duplicating where it is safe."""
+    programs: dict[str, Program] = {}
+    for part in parts:
+        for prog in part.programs:
+            old = programs.get(prog.name)
+            programs[prog.name] = prog if old is None else Program(
+                prog.name, old.required or prog.required, old.applet and prog.applet,
+                old.prefer_applet or prog.prefer_applet)
+    modules = list(dict.fromkeys(m for p in parts for m in p.modules))
+    return Contents(
+        modules=tuple(modules),
+        programs=tuple(programs.values()),
+        files=tuple(f for p in parts for f in p.files),
+        directories=tuple(dict.fromkeys(d for p in parts for d in p.directories)),
+        devices=tuple(d for p in parts for d in p.devices),
+        init_steps=tuple(s for p in parts for s in p.init_steps),
+    )
+
+
+def choose_compression(wanted: str, kconfig: dict[str, str], available) -> str:
+    """The initrd compression: ``wanted`` if the kernel can unpack it, or for "auto"
+    the first of COMPRESSION_ORDER the kernel supports and we can produce.
+
+    ``available(name)`` tells whether we can produce a format. A kernel whose config is
+    unknown gets gzip, which every initramfs-capable kernel unpacks.
+    """
+    if wanted == "none":
+        return "none"
+    if wanted != "auto":
+        if kconfig and kconfig.get(KCONFIG_FOR[wanted]) != "y":
+            raise HshelperError(f"the kernel cannot unpack a {wanted} initrd "
+                                f"({KCONFIG_FOR[wanted]} is not set)")
+        return wanted
+    if not kconfig:
+        return "gzip"
+    for name in COMPRESSION_ORDER:
+        if kconfig.get(KCONFIG_FOR[name]) == "y" and available(name):
+            return name
+    return "none"
+
+
+def _can_produce(name: str) -> bool:
+    if name in ("gzip", "xz", "none"):
+        return True
+    return shutil.which(name) is not None
+
+
+def compress(data: bytes, how: str) -> bytes:
+    """Compress the archive the way the kernel's initramfs unpacker accepts."""
+    if how == "none":
+        return data
+    if how == "gzip":
+        return gzip.compress(data, compresslevel=6, mtime=0)
+    if how == "xz":
+        # The kernel's xz decoder knows CRC32 only, not the default CRC64.
+        return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32)
+    if how == "zstd":
+        return runner.pipe(["zstd", "-q", "-c", "-T0", "-10"], data, hint="install zstd")
+    if how == "lz4":
+        # -l: the legacy frame format, the one the kernel's lz4 initramfs decoder reads.
+        return runner.pipe(["lz4", "-q", "-c", "-l", "-9"], data, hint="install lz4")
+    raise HshelperError(f"unknown compression {how}")
+
+
+def plan_image(host, sysroot: Sysroot, config) -> ImagePlan:
+    """Ask the plugins what the image holds and turn it into a plan (no content read)."""
+    version = config.get("image", "kernel") or None
+    kernel = host.hook.hshelper_find_kernel(sysroot=sysroot, version=version, config=config)
+    if kernel is None:
+        raise HshelperError("no plugin found a kernel", hint=sysroot.kernel_package_hint())
+    parts = [c for c in host.hook.hshelper_image_contents(
+        sysroot=sysroot, kernel=kernel, config=config) if c is not None]
+    # pluggy calls the last registered first; merge in registration order instead.
+    contents = merge_contents(list(reversed(parts)))
+    builder = _PlanBuilder(sysroot)
+    missing: list[str] = []
+
+    # The build root's top-level layout, links included (/bin -> usr/bin on merged-/usr
+    # roots), so "#!/bin/sh" and the ELF interpreter's path work in the guest.
+    for directory in STANDARD_DIRS:
+        if sysroot.exists(directory):
+            builder.from_root(directory, "layout")
+    for directory in contents.directories:
+        builder.directory(directory, "base")
+    for device in contents.devices:
+        builder._parents(device.path, "device")
+        builder._put(PlanEntry(device.path, "chr" if device.kind == "c" else "blk",
+                               device.mode, "device", rdev=(device.major, device.minor)))
+
+    # Programs: real ones go through the ELF closure; applets become links to busybox.
+    elf_start: list[str] = []
+    busybox = sysroot.busybox
+    for prog in contents.programs:
+        real = sysroot.which(prog.name)
+        has_applet = bool(busybox) and prog.name in sysroot.applets
+        if has_applet and (prog.prefer_applet or (real is None and prog.applet)):
+            elf_start.append(busybox)
+            name = prog.name if "/" in prog.name else f"/bin/{prog.name}"
+            builder.link(sysroot_path_for_link(sysroot, name), busybox, "busybox applet")
+        elif real is not None:
+            elf_start.append(real)
+        elif prog.required:
+            raise HshelperError(f"program {prog.name} is not installed in the build root "
+                                f"{sysroot.root}", hint="install the package that provides it")
+        else:
+            missing.append(prog.name)
+    for file in contents.files:
+        if file.data is not None:
+            builder.generated(file.dest, file.data, file.mode, "generated")
+        elif file.source is not None:
+            builder.from_root(file.source, "file", dest=file.dest)
+            elf_start.append(file.source)
+    closure = elf.elf_closure(sysroot.root, sorted(set(elf_start)))
+    if closure.missing:
+        needed, by = closure.missing[0]
+        raise HshelperError(f"shared library {needed} needed by {by} is not in the build root")
+    for path in closure.files:
+        builder.from_root(path, "program")
+
+    # Kernel modules, resolved and ordered on the host.
+    features: set[str] = set()
+    module_names: tuple[str, ...] = ()
+    if kernel.moddir:
+        tree = kmod.load_tree(sysroot.resolve(kernel.moddir).host)
+        wanted = kmod.parse_list("\n".join(contents.modules), "image modules")
+        plan = kmod.closure(tree, wanted)
+        missing += [f"module {w.name}" for w in plan.skipped]
+        module_names = tuple(name for name, _ in plan.order)
+        features = set(module_names) | set(plan.builtin)
+        for name, rel in plan.order:
+            source = tree.moddir / rel
+            builder._parents(f"{MODULE_DIR}/{name}.ko", "module")
+            builder._put(PlanEntry(f"{MODULE_DIR}/{name}.ko", "file", 0o644, f"module {rel}",
+                                   source=str(source), decompress=True,
+                                   stamp=_stamp(os.stat(source))))
+        builder.generated("/hshelper/modules.list",
+                          "".join(f"{n}\n" for n in module_names).encode(), 0o644, "generated")
+    elif contents.modules:
+        missing.append("all modules (the kernel has no module directory)")
+    for number, (name, code) in enumerate(contents.init_steps):
+        builder.generated(f"/hshelper/init.d/{number:02d}-{name}", code.encode(), 0o644,
+                          f"init step {name}")
+
+    kconfig = sysroot.kernel_config(kernel)
+    kernel_host = sysroot.resolve(kernel.image).host
+    compression = choose_compression(config.get("image", "compression"), kconfig,
+                                     _can_produce)
+    mtime = int(os.environ.get("SOURCE_DATE_EPOCH", "0") or 0)
+    return ImagePlan(kernel, kernel_host, _stamp(os.stat(kernel_host)),
+                     tuple(sorted(builder.entries.values(), key=lambda e: e.path)),
+                     compression, mtime, module_names, tuple(missing), frozenset(features))
+
+
+def sysroot_path_for_link(sysroot: Sysroot, guest: str) -> str:
+    """Where a new link at ``guest`` really lands: its directory resolved in the root
+    (so /bin/sh becomes /usr/bin/sh on a merged-/usr root, next to the /bin link)."""
+    parent = os.path.dirname(guest)
+    try:
+        real_parent = rootpath.resolve(sysroot.root, parent).path
+    except (OSError, rootpath.RootPathError):
+        real_parent = parent
+    return f"{real_parent.rstrip('/')}/{os.path.basename(guest)}"
+
+
+def archive_entries(plan: ImagePlan) -> list[cpio.Entry]:
+    """Read the planned files and make archive entries (the only reading step)."""
+    out = []
+    for e in plan.entries:
+        if e.kind == "dir":
+            out.append(cpio.directory(e.path, e.mode))
+        elif e.kind == "link":
+            out.append(cpio.symlink(e.path, e.target or ""))
+        elif e.kind == "chr":
+            out.append(cpio.chardev(e.path, *e.rdev, perm=e.mode))
+        elif e.kind == "blk":
+            out.append(cpio.blockdev(e.path, *e.rdev, perm=e.mode))
+        elif e.source is not None:
+            source = Path(e.source)
+            data = kmod.decompress_module(source) if e.decompress else source.read_bytes()
+            out.append(cpio.regular(e.path, data, e.mode))
+        else:
+            out.append(cpio.regular(e.path, e.data or b"", e.mode))
+    return out
+
+
+def manifest_lines(plan: ImagePlan, entries: list[cpio.Entry]) -> list[dict]:
+    sizes = {e.name: len(e.data) for e in entries}
+    kinds = {"dir": "directory", "file": "file", "link": "symlink",
+             "chr": "char-device", "blk": "block-device"}
+    out = []
+    for e in plan.entries:
+        item = {"path": e.path, "type": kinds[e.kind], "mode": f"{e.mode:04o}",
+                "size": sizes.get(e.path, 0), "origin": e.origin}
+        if e.target is not None:
+            item["target"] = e.target
+        if e.kind in ("chr", "blk"):
+            item["device"] = f"{e.rdev[0]}:{e.rdev[1]}"
+        out.append(item)
+    return out
+
+
+def cache_root(config) -> Path:
+    """The cache directory: configured, else XDG, else a private one in /var/tmp or /tmp
+    (a build user's HOME is often missing or read-only)."""
+    configured = config.get("image", "cache_dir")
+    candidates = [Path(configured)] if configured else []
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    home = os.environ.get("HOME")
+    if xdg:
+        candidates.append(Path(xdg) / "hshelper")
+    if home:
+        candidates.append(Path(home) / ".cache" / "hshelper")
+    for tmp in (os.environ.get("TMPDIR"), "/var/tmp", "/tmp"):
+        if tmp:
+            candidates.append(Path(tmp) / f"hshelper-cache-{os.getuid()}")
+    for path in candidates:
+        try:
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError:
+            continue
+        if os.access(path, os.W_OK | os.X_OK) and path.stat().st_uid == os.getuid():
+            return path
+    raise HshelperError("no writable cache directory",
+                        hint="set HSHELPER_IMAGE_CACHE_DIR or [image] cache_dir")
+
+
+def build_image(host, sysroot: Sysroot, config) -> ImageResult:
+    """Plan the image, and build it unless the cache has it. Returns the ImageResult."""
+    start = time.monotonic()
+    plan = plan_image(host, sysroot, config)
+    key = plan.key()
+    final = cache_root(config) / "images" / key
+    cached = (final / "initrd").is_file()
+    if not cached:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
+        try:
+            entries = archive_entries(plan)
+            data = compress(cpio.write_archive(entries, plan.mtime), plan.compression)
+            (work / "initrd").write_bytes(data)
+            with open(work / "manifest.json", "w") as fh:
+                for item in manifest_lines(plan, entries):
+                    fh.write(json.dumps(item, sort_keys=True) + "\n")
+            info = {"kernel_version": plan.kernel.version, "kernel": str(plan.kernel_host),
+                    "compression": plan.compression, "modules": list(plan.modules),
+                    "missing": list(plan.missing), "features": sorted(plan.features),
+                    "files": len(plan.entries)}
+            (work / "info.json").write_text(json.dumps(info, indent=1) + "\n")
+            try:
+                os.rename(work, final)
+            except OSError:
+                # Another build of the same key won the race: theirs is identical.
+                if not (final / "initrd").is_file():
+                    raise
+        finally:
+            if work.exists():
+                shutil.rmtree(work, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.utime(final)  # "recently used", for `hshelper clean --older-than`
+    result = ImageResult(
+        kernel_version=plan.kernel.version, kernel=plan.kernel_host,
+        initrd=final / "initrd", manifest=final / "manifest.json", key=key, cached=cached,
+        seconds=time.monotonic() - start, size=(final / "initrd").stat().st_size,
+        compression=plan.compression, modules=plan.modules, files=len(plan.entries),
+        missing=plan.missing, features=plan.features)
+    host.hook.hshelper_image_built(image=result)
+    return result
+
+
+def write_output(image: ImageResult, directory: Path) -> list[Path]:
+    """``--output DIR``: the kernel, the initrd and the manifest, side by side."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for source, name in ((image.kernel, f"vmlinuz-{image.kernel_version}"),
+                         (image.initrd, f"initrd-{image.kernel_version}.img"),
+                         (image.manifest, "manifest.json")):
+        target = directory / name
+        tmp = directory / f".{name}.tmp"
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+        written.append(target)
+    return written

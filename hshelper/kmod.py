@@ -1,0 +1,330 @@
+"""Kernel modules: the list format, the dependency closure and the load order.
+
+Everything here is computed on the host so the guest needs no modprobe, no depmod and no
+``modules.dep``: its init just runs ``insmod`` on a precomputed, ordered list of plain
+``.ko`` files (decompressed on the host, so any insmod, busybox's included, can load
+them). Dependencies come from ``modules.dep`` when the kernel package's postinstall made
+one, otherwise from each module's own ``.modinfo`` section (``depends=``, ``softdep=``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hshelper.elf import section_data
+from hshelper.errors import HshelperError
+
+SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+
+
+def canonical(name: str) -> str:
+    """Module names treat '-' and '_' alike; the kernel reports '_'."""
+    return name.replace("-", "_")
+
+
+def module_name(path: str) -> str:
+    base = os.path.basename(path)
+    for suffix in SUFFIXES:
+        if base.endswith(suffix):
+            return canonical(base[: -len(suffix)])
+    return canonical(base)
+
+
+# ---------------------------------------------------------------- the list format
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """A module named by a list: ``optional`` ones may be absent; ``origin`` is file:line."""
+
+    name: str
+    optional: bool
+    origin: str
+
+
+def parse_list(text: str, origin: str,
+               include: Callable[[str], tuple[str, str]] | None = None,
+               _depth: int = 0) -> list[Wanted]:
+    """Parse ``kernel-modules.lst`` text.
+
+    One module a line; ``#`` starts a comment; a trailing ``?`` marks a module optional;
+    ``include FILE`` reads another list (``include`` gets FILE and returns its text and
+    its origin name). Raises HshelperError with file:line on a malformed line.
+    """
+    if _depth > 8:
+        raise HshelperError(f"{origin}: includes nested too deeply (a loop?)")
+    out: list[Wanted] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        where = f"{origin}:{number}"
+        if not line:
+            continue
+        words = line.split()
+        if words[0] == "include":
+            if len(words) != 2 or include is None:
+                raise HshelperError(f"{where}: 'include' takes one file name")
+            sub_text, sub_origin = include(words[1])
+            out += parse_list(sub_text, sub_origin, include, _depth + 1)
+            continue
+        if len(words) != 1 or not re.fullmatch(r"[A-Za-z0-9_\-]+\??", line):
+            raise HshelperError(f"{where}: expected one module name per line, got {raw.strip()!r}")
+        optional = line.endswith("?")
+        out.append(Wanted(canonical(line.rstrip("?")), optional, where))
+    return out
+
+
+def read_list(path: Path) -> list[Wanted]:
+    """Read a module list file, following includes relative to the including file."""
+
+    def include(name: str) -> tuple[str, str]:
+        target = (path.parent / name) if not os.path.isabs(name) else Path(name)
+        try:
+            return target.read_text(), str(target)
+        except OSError as exc:
+            raise HshelperError(f"{path}: cannot include {name}: {exc.strerror}") from exc
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise HshelperError(f"cannot read module list {path}: {exc.strerror}") from exc
+    return parse_list(text, str(path), include)
+
+
+# ---------------------------------------------------------------- the module tree
+
+
+@dataclass
+class ModuleTree:
+    """What one kernel's module directory offers.
+
+    ``paths``: module name -> path relative to the module dir; ``deps``: name -> names it
+    needs (filled lazily from .modinfo when there is no modules.dep); ``builtin``: names
+    compiled into the kernel; ``aliases``: alias -> module names.
+    """
+
+    moddir: Path
+    paths: dict[str, str]
+    builtin: frozenset[str]
+    deps: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    softdeps: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    has_depfile: bool = False
+
+    def lookup(self, name: str) -> str | None:
+        """The module name that provides ``name`` (itself, or via an exact alias)."""
+        name = canonical(name)
+        if name in self.paths or name in self.builtin:
+            return name
+        for target in self.aliases.get(name, ()):
+            if target in self.paths or target in self.builtin:
+                return target
+        return None
+
+    def dependencies(self, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(hard deps, soft pre-deps) of a loadable module."""
+        if name not in self.deps:
+            self._read_modinfo(name)
+        return self.deps.get(name, ()), self.softdeps.get(name, ())
+
+    def _read_modinfo(self, name: str) -> None:
+        info = modinfo(decompress_module(self.moddir / self.paths[name]))
+        self.deps[name] = tuple(canonical(d) for d in info.get("depends", "").split(",") if d)
+        pre: list[str] = []
+        for soft in info.get_all("softdep"):
+            # "pre: a b post: c" -- only "pre" matters for loading order.
+            section = None
+            for word in soft.split():
+                if word.endswith(":"):
+                    section = word[:-1]
+                elif section == "pre":
+                    pre.append(canonical(word))
+        self.softdeps.setdefault(name, tuple(pre))
+
+
+class ModInfo(dict):
+    """key -> first value of a .modinfo section, plus :meth:`get_all` for repeated keys."""
+
+    def __init__(self, pairs: list[tuple[str, str]]):
+        super().__init__()
+        self.pairs = pairs
+        for key, value in pairs:
+            self.setdefault(key, value)
+
+    def get_all(self, key: str) -> list[str]:
+        return [v for k, v in self.pairs if k == key]
+
+
+def modinfo(ko: bytes) -> ModInfo:
+    """Parse the NUL-separated key=value strings of a module's .modinfo section."""
+    data = section_data(ko, ".modinfo") or b""
+    pairs = []
+    for item in data.split(b"\0"):
+        key, sep, value = item.decode("utf-8", "replace").partition("=")
+        if sep:
+            pairs.append((key, value))
+    return ModInfo(pairs)
+
+
+def _read_depfile(moddir: Path) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    paths: dict[str, str] = {}
+    deps: dict[str, tuple[str, ...]] = {}
+    for line in (moddir / "modules.dep").read_text().splitlines():
+        target, sep, rest = line.partition(":")
+        if not sep:
+            continue
+        name = module_name(target)
+        paths[name] = target
+        deps[name] = tuple(module_name(d) for d in rest.split())
+    return paths, deps
+
+
+def _walk_modules(moddir: Path) -> dict[str, str]:
+    paths: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(moddir):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("build", "source"))
+        for base in sorted(filenames):
+            if base.endswith(SUFFIXES):
+                rel = os.path.relpath(os.path.join(dirpath, base), moddir)
+                # depmod's rule: updates/ and extra/ override the stock tree.
+                name = module_name(base)
+                if name not in paths or rel.startswith(("updates/", "extra/")):
+                    paths[name] = rel
+    return paths
+
+
+def _read_pairs_file(path: Path, keyword: str) -> dict[str, tuple[str, ...]]:
+    """Read modules.alias / modules.softdep style files: "keyword KEY VALUE..." lines."""
+    out: dict[str, list[str]] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[0] == keyword:
+            out.setdefault(canonical(words[1]), []).extend(words[2:])
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def load_tree(moddir: Path) -> ModuleTree:
+    """Index a module directory (``/lib/modules/VERSION`` on the host side)."""
+    try:
+        builtin_text = (moddir / "modules.builtin").read_text()
+    except OSError:
+        builtin_text = ""
+    builtin = frozenset(module_name(line) for line in builtin_text.split())
+    aliases = {k: tuple(canonical(v) for v in vs)
+               for k, vs in _read_pairs_file(moddir / "modules.alias", "alias").items()
+               if "*" not in k and ":" not in k}
+    if (moddir / "modules.dep").is_file():
+        paths, deps = _read_depfile(moddir)
+        softdeps = {}
+        for name, words in _read_pairs_file(moddir / "modules.softdep", "softdep").items():
+            pre, section = [], None
+            for word in words:
+                if word.endswith(":"):
+                    section = word[:-1]
+                elif section == "pre":
+                    pre.append(canonical(word))
+            softdeps[name] = tuple(pre)
+        # modules.softdep only lists modules that have one; the rest have none.
+        for name in paths:
+            softdeps.setdefault(name, ())
+        return ModuleTree(moddir, paths, builtin, deps, softdeps, aliases, True)
+    return ModuleTree(moddir, _walk_modules(moddir), builtin, aliases=aliases)
+
+
+# ---------------------------------------------------------------- the closure
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """The result of :func:`closure`: modules to load in order (names, with their paths
+    relative to the module dir), wanted names that are built in, optional ones that are
+    absent."""
+
+    order: tuple[tuple[str, str], ...]
+    builtin: tuple[str, ...]
+    skipped: tuple[Wanted, ...]
+
+
+def closure(tree: ModuleTree, wanted: Iterable[Wanted]) -> ModulePlan:
+    """Resolve ``wanted`` to a load order with every dependency before its users.
+
+    Soft pre-dependencies are included when the kernel has them, never required.
+    Raises HshelperError naming the first required module that does not exist.
+    """
+    order: list[tuple[str, str]] = []
+    placed: set[str] = set()
+    builtin: list[str] = []
+    skipped: list[Wanted] = []
+    visiting: set[str] = set()
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if name in placed or name in tree.builtin:
+            return
+        if name in visiting:  # depmod refuses cycles; be as tolerant as modprobe is
+            return
+        visiting.add(name)
+        hard, soft = tree.dependencies(name)
+        for dep in soft:
+            found = tree.lookup(dep)
+            if found:
+                visit(found, (*chain, name))
+        for dep in hard:
+            found = tree.lookup(dep)
+            if found is None:
+                raise HshelperError(
+                    f"kernel module {dep} (needed by {' -> '.join((*chain, name))}) "
+                    f"is missing from {tree.moddir}")
+            visit(found, (*chain, name))
+        visiting.discard(name)
+        placed.add(name)
+        order.append((name, tree.paths[name]))
+
+    for want in wanted:
+        found = tree.lookup(want.name)
+        if found is None:
+            if want.optional:
+                skipped.append(want)
+                continue
+            raise HshelperError(
+                f"kernel module {want.name} ({want.origin}) is neither in {tree.moddir} "
+                f"nor built into the kernel; mark it optional with '{want.name}?' "
+                f"or install the package that provides it")
+        if found in tree.builtin:
+            if found not in builtin:
+                builtin.append(found)
+            continue
+        visit(found, ())
+    return ModulePlan(tuple(order), tuple(builtin), tuple(skipped))
+
+
+# ---------------------------------------------------------------- decompression
+
+
+def zstd_decompress(data: bytes) -> bytes:
+    """Decompress zstd with the zstd program: Python's stdlib has no zstd before 3.14."""
+    from hshelper import runner
+
+    return runner.pipe(["zstd", "-dcq"], data,
+                       hint="install zstd (needed for .ko.zst kernel modules)")
+
+
+def decompress_module(path: Path) -> bytes:
+    """A module file's plain ELF bytes, whatever its compression."""
+    data = path.read_bytes()
+    name = path.name
+    if name.endswith(".ko.xz"):
+        return lzma.decompress(data)
+    if name.endswith(".ko.gz"):
+        return gzip.decompress(data)
+    if name.endswith(".ko.zst"):
+        return zstd_decompress(data)
+    return data

@@ -1,0 +1,140 @@
+"""Disk images attached as virtio block devices, with stable names in the guest.
+
+``--disk PATH[,size=SIZE][,format=raw|qcow2][,name=NAME][,ro]``: a missing image is
+created (sparse raw, or qcow2 with qemu-img) when a size is given. In the guest the disk
+is ``/dev/disk/hshelper/NAME`` (made without udev from the virtio serial number) and its
+device path is in ``$HSHELPER_DISK_NAME`` (NAME upper-cased, '-' as '_'). Partitions
+appear as soon as sfdisk or parted re-read the table (devtmpfs makes the nodes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+from hshelper import runner
+from hshelper.errors import HshelperError
+from hshelper.guestrun import quote
+from hshelper.hookspecs import hookimpl
+from hshelper.model import Contents, Disk
+
+UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"(\d+)\s*([kmgtb]?)(i?b)?", text.strip().lower())
+    if not match:
+        raise HshelperError(f"bad size {text!r}: use a number with K, M, G or T", status=2)
+    return int(match.group(1)) * UNITS[match.group(2)]
+
+
+def parse_disk(text: str, index: int) -> Disk:
+    path, *opts = text.split(",")
+    if not path:
+        raise HshelperError(f"--disk {text!r}: no path", status=2)
+    values: dict[str, str] = {}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if key == "ro" and not sep:
+            values["ro"] = "1"
+        elif key in ("size", "format", "name") and sep:
+            values[key] = value
+        else:
+            raise HshelperError(f"--disk {text!r}: unknown option {opt!r} (size=, format=, "
+                                "name=, ro)", status=2)
+    fmt = values.get("format", "qcow2" if path.endswith(".qcow2") else "raw")
+    if fmt not in ("raw", "qcow2"):
+        raise HshelperError(f"--disk {text!r}: format must be raw or qcow2", status=2)
+    name = values.get("name", f"disk{index}")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,20}", name):
+        raise HshelperError(f"--disk {text!r}: a name is 1-20 letters, digits, - or _",
+                            status=2)
+    size = parse_size(values["size"]) if "size" in values else None
+    return Disk(Path(path).absolute(), name, fmt, size, "ro" in values)
+
+
+def env_name(disk: Disk) -> str:
+    return "HSHELPER_DISK_" + disk.name.upper().replace("-", "_")
+
+
+def ensure_disk(disk: Disk) -> None:
+    """Create a missing image (sparse), or refuse with what to do."""
+    if disk.path.exists():
+        return
+    if disk.size is None:
+        raise HshelperError(f"disk image {disk.path} does not exist; give size=SIZE to "
+                            "create it", status=2)
+    if disk.format == "qcow2":
+        runner.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk.path),
+                    str(disk.size)], hint="install qemu-utils / qemu-img")
+    else:
+        with open(disk.path, "xb") as fh:
+            fh.truncate(disk.size)
+
+
+@hookimpl
+def hshelper_add_arguments(parser, command):
+    if command in ("run", "shell"):
+        parser.add_argument("--disk", action="append", default=[],
+                            metavar="PATH[,size=S][,format=F][,name=N][,ro]",
+                            help="attach a disk image (created when missing and size= given)")
+
+
+@hookimpl
+def hshelper_image_contents():
+    return Contents(modules=("virtio_blk",))
+
+
+@hookimpl
+def hshelper_run_spec(spec, args):
+    texts = getattr(args, "disk", [])
+    if not texts:
+        return None
+    disks = [parse_disk(t, i) for i, t in enumerate(texts)]
+    names = [d.name for d in disks]
+    if len(set(names)) != len(names):
+        raise HshelperError("two --disk options have the same name", status=2)
+    for disk in disks:
+        ensure_disk(disk)
+        if not os.access(disk.path, os.R_OK | (0 if disk.readonly else os.W_OK)):
+            raise HshelperError(f"disk image {disk.path} is not "
+                                f"{'readable' if disk.readonly else 'writable'} by "
+                                f"uid {os.getuid()}")
+    return dataclasses.replace(spec, disks=spec.disks + tuple(disks))
+
+
+@hookimpl
+def hshelper_qemu_args(spec):
+    args = []
+    for i, disk in enumerate(spec.disks):
+        drive = f"file={disk.path},if=none,id=hshdisk{i},format={disk.format},discard=unmap"
+        if disk.readonly:
+            drive += ",readonly=on"
+        args += ["-drive", drive,
+                 "-device", f"virtio-blk-pci,drive=hshdisk{i},serial={disk.name}"]
+    return args
+
+
+@hookimpl
+def hshelper_guest_setup(spec):
+    if not spec.disks:
+        return []
+    # Shell only (no udev, no readlink): match each vdX's serial to a disk name.
+    cases = "".join(
+        f'    {d.name}) hsh_guest_env="$hsh_guest_env {env_name(d)}=$hsh_dev" ;;\n'
+        for d in spec.disks)
+    code = ("mkdir -p /dev/disk/hshelper\n"
+            "for hsh_b in /sys/block/vd*; do\n"
+            '  [ -r "$hsh_b/serial" ] || continue\n'
+            '  read -r hsh_s <"$hsh_b/serial"\n'
+            '  hsh_dev=/dev/${hsh_b##*/}\n'
+            '  ln -sf "$hsh_dev" "/dev/disk/hshelper/$hsh_s"\n'
+            '  case $hsh_s in\n' + cases + "  esac\n"
+            "done\n")
+    for disk in spec.disks:
+        link = quote(f"/dev/disk/hshelper/{disk.name}")
+        code += (f"[ -e {link} ] || {{ echo 'hshelper: disk {disk.name} did not appear "
+                 "in the guest' >&2; false; }\n")
+    return [("disks", code)]

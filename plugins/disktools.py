@@ -1,0 +1,29 @@
+"""Partitioning and filesystem tools for the image: whichever of them are installed.
+
+sfdisk, sgdisk, parted, wipefs, blkid, partx, losetup's friends, mkfs for ext4, vfat,
+xfs and btrfs, their fsck, tar and the like, plus the config files some of them read
+(/etc/mke2fs.conf). Nothing here is required: a recipe that needs a missing tool gets
+exit 127 with the tool's name. No config keys.
+"""
+
+from __future__ import annotations
+
+from hshelper.hookspecs import hookimpl
+from hshelper.model import Contents, File, Program
+
+TOOLS = (
+    "sfdisk", "sgdisk", "parted", "partprobe", "partx", "wipefs", "blkid", "fdisk",
+    "mkfs", "mke2fs", "mkfs.ext2", "mkfs.ext3", "mkfs.ext4", "e2fsck", "fsck", "fsck.ext4",
+    "tune2fs", "resize2fs", "debugfs", "e2label", "dumpe2fs",
+    "mkfs.fat", "mkfs.vfat", "fsck.fat", "fsck.vfat", "fatlabel", "mtools", "mcopy", "mmd",
+    "mkfs.xfs", "xfs_repair", "xfs_admin", "mkfs.btrfs", "btrfs", "btrfstune",
+    "mkswap", "swaplabel", "findmnt", "lsblk", "tar", "cpio", "zstd", "xz", "bzip2",
+    "rsync", "chroot", "unshare",
+)
+CONFIG_FILES = ("/etc/mke2fs.conf", "/etc/mtools.conf")
+
+
+@hookimpl
+def hshelper_image_contents(sysroot):
+    files = tuple(File(path, source=path) for path in CONFIG_FILES if sysroot.exists(path))
+    return Contents(programs=tuple(Program(t, applet=False) for t in TOOLS), files=files)
