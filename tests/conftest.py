@@ -1,0 +1,35 @@
+"""Fixtures: real build roots (made by mmdebstrap, cached under /var/tmp) with this
+checkout's hshelper installed, ready to run as the build user."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import buildroots  # noqa: E402
+import chroot  # noqa: E402
+
+_installed: set[str] = set()
+
+
+def _root(name: str) -> Path:
+    root = buildroots.ensure_root(name)
+    if name not in _installed:
+        chroot.install(root)
+        _installed.add(name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def bookworm() -> Path:
+    """Debian 12, generic 6.1 kernel (plain .ko, 9p as modules), busybox installed."""
+    return _root("bookworm")
+
+
+@pytest.fixture(scope="session")
+def root_factory():
+    return _root

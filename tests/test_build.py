@@ -1,0 +1,141 @@
+"""`hshelper build` against real build roots: every layout, read back independently,
+booted for real, as the unprivileged build user inside the chroot."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import chroot
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOTS = ["bookworm", "bookworm-nobusybox", "bookworm-612", "bookworm-cloud", "fedora-layout"]
+
+
+def build_json(root: Path, *extra: str, uid: int = chroot.BUILD_UID, env=None) -> dict:
+    proc = chroot.run(root, ["hshelper", "build", "--json", *extra], uid=uid, env=env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return json.loads(proc.stdout)
+
+
+def host_path(root: Path, guest: str) -> Path:
+    return root / guest.lstrip("/")
+
+
+@pytest.mark.parametrize("name", ROOTS)
+def test_build_as_build_user_then_cache_hit(root_factory, name):
+    root = root_factory(name)
+    cache = chroot.fresh_dir(root, "cache-" + name)
+    env = {"XDG_CACHE_HOME": cache}
+    first = build_json(root, env=env)
+    second = build_json(root, env=env)
+    assert not first["cached"] and second["cached"]
+    assert first["initrd"] == second["initrd"]
+    initrd = host_path(root, first["initrd"])
+    assert initrd.stat().st_uid == chroot.BUILD_UID  # made by the build user, no root
+    assert "virtio_console" in first["features"] and "ext4" in first["features"]
+    if name == "bookworm-cloud":
+        assert "9p" not in first["features"]
+        assert any("9p" in m for m in first["missing"])
+    else:
+        assert {"9p", "9pnet_virtio"} <= set(first["features"])
+
+
+@pytest.mark.parametrize("name", ["bookworm", "bookworm-nobusybox", "fedora-layout"])
+def test_archive_matches_manifest(root_factory, name, tmp_path):
+    """bsdtar (an independent reader) lists exactly what the manifest says."""
+    root = root_factory(name)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys_hshelper(), "build", "--sysroot", str(root), "--output",
+                           str(out), "--compression", "gzip", "--json"],
+                          capture_output=True, env=host_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr.decode()
+    manifest = [json.loads(line) for line in (out / "manifest.json").read_text().splitlines()]
+    initrd = next(out.glob("initrd-*.img"))
+    listing = subprocess.run(["bsdtar", "-tvf", str(initrd)], capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+    listed = {}
+    for line in listing:
+        fields = line.split()
+        name_field = fields[8] if len(fields) > 8 else fields[-1]
+        listed["/" + name_field] = line[0]
+    expected = {m["path"]: {"directory": "d", "file": "-", "symlink": "l",
+                            "char-device": "c", "block-device": "b"}[m["type"]]
+                for m in manifest}
+    assert listed == expected
+    assert listed["/dev/console"] == "c" and listed["/init"] == "-"
+    assert any(p.startswith("/hshelper/modules/") for p in listed)
+    assert (out / initrd.name.replace("initrd", "vmlinuz").replace(".img", "")).exists()
+
+
+def test_same_inputs_same_bytes(bookworm, tmp_path):
+    images = []
+    for n in (1, 2):
+        out = tmp_path / f"out{n}"
+        env = host_env(tmp_path / f"c{n}")
+        env["SOURCE_DATE_EPOCH"] = "1700000000"
+        subprocess.run([sys_hshelper(), "build", "--sysroot", str(bookworm), "--output",
+                        str(out)], check=True, env=env, capture_output=True)
+        images.append(next(out.glob("initrd-*.img")).read_bytes())
+    assert images[0] == images[1]
+
+
+def test_fedora_layout_has_no_depfile_and_xz_modules(root_factory):
+    root = root_factory("fedora-layout")
+    moddirs = list((root / "usr/lib/modules").iterdir())
+    assert not any((d / "modules.dep").exists() for d in moddirs)
+    assert not list((root / "boot").glob("vmlinuz-*"))
+    assert list(moddirs[0].rglob("*.ko.xz"))
+    data = build_json(root)
+    assert "9p" in data["features"] and data["kernel"].endswith("/vmlinuz")
+
+
+def test_no_kernel_is_exit_125_with_paths_and_package(tmp_path):
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/os-release").write_text('ID=debian\n')
+    proc = subprocess.run([sys_hshelper(), "build", "--sysroot", str(tmp_path)],
+                          capture_output=True, text=True, env=host_env(tmp_path))
+    assert proc.returncode == 125
+    assert "/boot/vmlinuz-VERSION" in proc.stderr and "/usr/lib/modules/VERSION/vmlinuz" in \
+        proc.stderr
+    assert "linux-image-amd64" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unreadable_kernel_says_how_to_fix(bookworm, tmp_path):
+    kernel = next((bookworm / "boot").glob("vmlinuz-*"))
+    mode = kernel.stat().st_mode
+    try:
+        kernel.chmod(0o600)
+        proc = chroot.run(bookworm, ["hshelper", "build"])
+        assert proc.returncode == 125
+        err = proc.stderr.decode()
+        assert "not readable" in err and "chmod a+r" in err
+    finally:
+        kernel.chmod(mode)
+
+
+def test_missing_required_module_named(bookworm, tmp_path):
+    proc = chroot.run(bookworm, ["hshelper", "build", "--module", "no_such_module_xyz"])
+    assert proc.returncode == 125
+    assert "no_such_module_xyz" in proc.stderr.decode()
+
+
+def sys_hshelper() -> str:
+    """The hshelper script of the interpreter running the tests (the venv's)."""
+    beside = Path(sys.executable).parent / "hshelper"
+    found = str(beside) if beside.exists() else shutil.which("hshelper")
+    assert found, "hshelper is not installed on the host (pip install -e .)"
+    return found
+
+
+def host_env(cache: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XDG_CACHE_HOME"] = str(cache)
+    return env

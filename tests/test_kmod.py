@@ -1,0 +1,76 @@
+"""Module list format and dependency closure on synthetic module trees."""
+
+from __future__ import annotations
+
+import lzma
+
+import pytest
+
+from hshelper import kmod
+from hshelper.errors import HshelperError
+
+
+def tree(tmp_path, dep: str, builtin: str = "", softdep: str = "", alias: str = ""):
+    moddir = tmp_path / "lib/modules/1.0"
+    moddir.mkdir(parents=True)
+    (moddir / "modules.dep").write_text(dep)
+    (moddir / "modules.builtin").write_text(builtin)
+    (moddir / "modules.softdep").write_text(softdep)
+    (moddir / "modules.alias").write_text(alias)
+    return kmod.load_tree(moddir)
+
+
+def wanted(*names):
+    return kmod.parse_list("\n".join(names), "test")
+
+
+def test_list_format_comments_optional_include(tmp_path):
+    (tmp_path / "more.lst").write_text("loop\n")
+    main = tmp_path / "main.lst"
+    main.write_text("# base\nvirtio_pci   # transport\n9p?\n\ninclude more.lst\nvirtio-blk\n")
+    got = kmod.read_list(main)
+    assert [(w.name, w.optional) for w in got] == [
+        ("virtio_pci", False), ("9p", True), ("loop", False), ("virtio_blk", False)]
+    assert got[2].origin.endswith("more.lst:1")
+
+
+def test_list_format_errors_name_the_line(tmp_path):
+    with pytest.raises(HshelperError, match="x.lst:2"):
+        kmod.parse_list("ok\ntwo words\n", "x.lst")
+
+
+def test_closure_orders_dependencies_first(tmp_path):
+    t = tree(tmp_path,
+             "kernel/fs/9p/9p.ko.xz: kernel/net/9p/9pnet.ko.xz kernel/fs/netfs/netfs.ko.xz\n"
+             "kernel/net/9p/9pnet.ko.xz:\n"
+             "kernel/fs/netfs/netfs.ko.xz: kernel/fs/fscache.ko.xz\n"
+             "kernel/fs/fscache.ko.xz:\n"
+             "kernel/fs/ext4/ext4.ko.xz: kernel/lib/crc16.ko.xz\n"
+             "kernel/lib/crc16.ko.xz:\n"
+             "kernel/crypto/crc32c_generic.ko.xz:\n",
+             builtin="kernel/drivers/virtio/virtio_pci.ko\n",
+             softdep="softdep ext4 pre: crc32c\n",
+             alias="alias crc32c crc32c_generic\nalias pci:v00001AF4d* virtio_pci\n")
+    plan = kmod.closure(t, wanted("virtio_pci", "ext4", "9p", "missing_one?"))
+    names = [n for n, _ in plan.order]
+    assert plan.builtin == ("virtio_pci",)
+    assert [w.name for w in plan.skipped] == ["missing_one"]
+    assert names.index("crc32c_generic") < names.index("ext4")  # soft pre-dep via alias
+    assert names.index("crc16") < names.index("ext4")
+    assert names.index("fscache") < names.index("netfs") < names.index("9p")
+    assert names.index("9pnet") < names.index("9p")
+    assert len(names) == len(set(names))
+
+
+def test_missing_required_module_is_named(tmp_path):
+    t = tree(tmp_path, "kernel/a.ko: kernel/b.ko\n")
+    with pytest.raises(HshelperError, match="nosuch"):
+        kmod.closure(t, wanted("nosuch"))
+    with pytest.raises(HshelperError, match="module b .needed by a"):
+        kmod.closure(t, wanted("a"))
+
+
+def test_decompress_xz_module(tmp_path):
+    ko = tmp_path / "m.ko.xz"
+    ko.write_bytes(lzma.compress(b"\x7fELF payload", check=lzma.CHECK_CRC32))
+    assert kmod.decompress_module(ko) == b"\x7fELF payload"
