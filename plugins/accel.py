@@ -12,7 +12,6 @@ import json
 import os
 import time
 
-from hshelper import accel as probe
 from hshelper.config import Key
 from hshelper.errors import HshelperError
 from hshelper.hookspecs import hookimpl
@@ -41,6 +40,8 @@ def cached_probe(qemu: str, timeout: float, cache_file) -> tuple[bool, str]:
             return saved["usable"], saved["reason"] + " (cached for this boot)"
     except (OSError, ValueError, KeyError):
         pass
+    from hshelper import accel as probe  # only a run that probes pays for the import
+
     result = probe.probe_kvm(qemu, timeout=timeout)
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,8 @@ def proc_mounted(root: Path):
 
 
 def run(root: Path, argv: list[str], cwd: str = HOME, uid: int = BUILD_UID,
-        env: dict[str, str] | None = None, timeout: float = 300, **kwargs):
+        env: dict[str, str] | None = None, timeout: float = 300, capture: bool = True,
+        **kwargs):
     """Run ``argv`` inside ``root`` as ``uid`` with a build user's minimal environment."""
     base = {"HOME": HOME, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
             "USER": "builder"}
@@ -63,7 +64,7 @@ def run(root: Path, argv: list[str], cwd: str = HOME, uid: int = BUILD_UID,
     cmd = ["chroot", f"--userspec={uid}:{uid}", str(root),
            "/usr/bin/env", "-i", *[f"{k}={v}" for k, v in base.items()],
            "/bin/sh", "-c", 'cd "$0" && exec "$@"', cwd, *argv]
-    return subprocess.run(cmd, timeout=timeout, capture_output=True, **kwargs)
+    return subprocess.run(cmd, timeout=timeout, capture_output=capture, **kwargs)
 
 
 def fresh_dir(root: Path, name: str) -> str:
