@@ -18,8 +18,8 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 KVM_DEVICE = "/dev/kvm"
 EXIT_PORT = 0xF4
@@ -88,9 +88,9 @@ def run_probe(qemu: str, accel: str, timeout: float, extra: Sequence[str] = ()) 
             fh.write(probe_firmware())
         started = time.monotonic()
         try:
-            proc = subprocess.Popen(probe_argv(qemu, firmware, accel, extra), stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                    start_new_session=True)
+            proc = subprocess.Popen(probe_argv(qemu, firmware, accel, extra),
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, start_new_session=True)
         except OSError as exc:
             return Probe(False, f"cannot start {qemu}: {exc.strerror}")
         try:

@@ -43,7 +43,7 @@ def _image_options(parser: argparse.ArgumentParser) -> None:
                         metavar="PROG", help="add a program of the build root to the image")
     parser.add_argument("--module", dest="with_modules", action="append", default=[],
                         metavar="NAME", help="add a kernel module to the image")
-    parser.add_argument("--compression", choices=("auto", "zstd", "lz4", "gzip", "xz", "none"))
+    parser.add_argument("--compression", choices=("auto", "zstd", "gzip", "xz", "none"))
 
 
 def _pre_scan(argv: list[str]) -> tuple[set[str], list[str]]:

@@ -49,10 +49,7 @@ class _Reader:
         return struct.unpack_from(fmt, self.data, offset)
 
     def header(self) -> dict:
-        if self.is64:
-            f = self.unpack("HHIQQQIHHHHHH", 16)
-        else:
-            f = self.unpack("HHIIIIIHHHHHH", 16)
+        f = self.unpack("HHIQQQIHHHHHH" if self.is64 else "HHIIIIIHHHHHH", 16)
         names = ("type", "machine", "version", "entry", "phoff", "shoff", "flags", "ehsize",
                  "phentsize", "phnum", "shentsize", "shnum", "shstrndx")
         return dict(zip(names, f))

@@ -25,12 +25,13 @@ from pathlib import Path
 from hshelper import __version__, cpio, elf, kmod, rootpath, runner
 from hshelper.errors import HshelperError
 from hshelper.model import Contents, ImageResult, Program
-from hshelper.sysroot import Kernel, Sysroot
+from hshelper.sysroot import DEFAULT_PATH, Kernel, Sysroot
 
-# Fastest to unpack first: under TCG the guest's decompression time is boot time.
-COMPRESSION_ORDER = ("zstd", "lz4", "gzip", "xz")
-KCONFIG_FOR = {"zstd": "CONFIG_RD_ZSTD", "lz4": "CONFIG_RD_LZ4", "gzip": "CONFIG_RD_GZIP",
-               "xz": "CONFIG_RD_XZ"}
+# Fastest to unpack first: under TCG the guest's decompression time is boot time. No lz4:
+# the kernel's decoder of the legacy lz4 frame fails when another archive follows it, and
+# every run appends one.
+COMPRESSION_ORDER = ("zstd", "gzip", "xz")
+KCONFIG_FOR = {"zstd": "CONFIG_RD_ZSTD", "gzip": "CONFIG_RD_GZIP", "xz": "CONFIG_RD_XZ"}
 MODULE_DIR = "/hshelper/modules"
 STANDARD_DIRS = ("/bin", "/sbin", "/lib", "/lib64", "/usr/bin", "/usr/sbin", "/usr/lib",
                  "/usr/lib64")
@@ -73,6 +74,9 @@ class ImagePlan:
     modules: tuple[str, ...]
     missing: tuple[str, ...]
     features: frozenset[str]
+    # Host paths whose change could change the plan (sources, their directories, the
+    # PATH and module index files): what a warm run re-checks instead of re-planning.
+    watch: tuple[str, ...] = ()
 
     def key(self) -> str:
         material = [__version__, self.kernel.version, str(self.kernel_host),
@@ -91,6 +95,7 @@ class _PlanBuilder:
 
     sysroot: Sysroot
     entries: dict[str, PlanEntry] = field(default_factory=dict)
+    watch: set[str] = field(default_factory=set)
 
     def _put(self, entry: PlanEntry) -> None:
         old = self.entries.get(entry.path)
@@ -131,7 +136,9 @@ class _PlanBuilder:
         for link, target in resolved.links:
             self._parents(link, origin)
             self._put(PlanEntry(link, "link", 0o777, origin, target=target))
+            self.watch.add(os.path.dirname(self.sysroot.host(link)))
         st = os.stat(resolved.host)
+        self.watch.update((str(resolved.host), os.path.dirname(resolved.host)))
         where = dest or resolved.path
         self._parents(where, origin)
         if stat.S_ISDIR(st.st_mode):
@@ -214,15 +221,12 @@ def compress(data: bytes, how: str) -> bytes:
         # The kernel's xz decoder knows CRC32 only, not the default CRC64.
         return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32)
     if how == "zstd":
-        return runner.pipe(["zstd", "-q", "-c", "-T0", "-10"], data, hint="install zstd")
-    if how == "lz4":
-        # -l: the legacy frame format, the one the kernel's lz4 initramfs decoder reads.
-        return runner.pipe(["lz4", "-q", "-c", "-l", "-9"], data, hint="install lz4")
+        return runner.pipe(["zstd", "-q", "-c", "-T0", "-3"], data, hint="install zstd")
     raise HshelperError(f"unknown compression {how}")
 
 
-def plan_image(host, sysroot: Sysroot, config) -> ImagePlan:
-    """Ask the plugins what the image holds and turn it into a plan (no content read)."""
+def gather(host, sysroot: Sysroot, config) -> tuple[Kernel, Contents]:
+    """The kernel and what the plugins want in the image (cheap: nothing resolved)."""
     version = config.get("image", "kernel") or None
     kernel = host.hook.hshelper_find_kernel(sysroot=sysroot, version=version, config=config)
     if kernel is None:
@@ -230,7 +234,14 @@ def plan_image(host, sysroot: Sysroot, config) -> ImagePlan:
     parts = [c for c in host.hook.hshelper_image_contents(
         sysroot=sysroot, kernel=kernel, config=config) if c is not None]
     # pluggy calls the last registered first; merge in registration order instead.
-    contents = merge_contents(list(reversed(parts)))
+    return kernel, merge_contents(list(reversed(parts)))
+
+
+def plan_image(host, sysroot: Sysroot, config,
+               gathered: tuple[Kernel, Contents] | None = None) -> ImagePlan:
+    """Turn the plugins' contributions into a plan (no file content read but modules'
+    own metadata when the kernel has no modules.dep)."""
+    kernel, contents = gathered or gather(host, sysroot, config)
     builder = _PlanBuilder(sysroot)
     missing: list[str] = []
 
@@ -252,7 +263,7 @@ def plan_image(host, sysroot: Sysroot, config) -> ImagePlan:
     for prog in contents.programs:
         real = sysroot.which(prog.name)
         has_applet = bool(busybox) and prog.name in sysroot.applets
-        if has_applet and (prog.prefer_applet or (real is None and prog.applet)):
+        if has_applet and prog.applet and (prog.prefer_applet or real is None):
             elf_start.append(busybox)
             name = prog.name if "/" in prog.name else f"/bin/{prog.name}"
             builder.link(sysroot_path_for_link(sysroot, name), busybox, "busybox applet")
@@ -280,7 +291,10 @@ def plan_image(host, sysroot: Sysroot, config) -> ImagePlan:
     features: set[str] = set()
     module_names: tuple[str, ...] = ()
     if kernel.moddir:
-        tree = kmod.load_tree(sysroot.resolve(kernel.moddir).host)
+        moddir_host = sysroot.resolve(kernel.moddir).host
+        builder.watch.add(str(moddir_host))
+        builder.watch.update(str(moddir_host / n) for n in kmod.INDEX_FILES)
+        tree = kmod.load_tree(moddir_host)
         wanted = kmod.parse_list("\n".join(contents.modules), "image modules")
         plan = kmod.closure(tree, wanted)
         missing += [f"module {w.name}" for w in plan.skipped]
@@ -293,7 +307,9 @@ def plan_image(host, sysroot: Sysroot, config) -> ImagePlan:
                                    source=str(source), decompress=True,
                                    stamp=_stamp(os.stat(source))))
         builder.generated("/hshelper/modules.list",
-                          "".join(f"{n}\n" for n in module_names).encode(), 0o644, "generated")
+                          "".join(f"{n}\n" for n in plan.boot).encode(), 0o644, "generated")
+        builder.generated("/hshelper/modules.table",
+                          kmod.modprobe_table(tree, plan).encode(), 0o644, "generated")
     elif contents.modules:
         missing.append("all modules (the kernel has no module directory)")
     for number, (name, code) in enumerate(contents.init_steps):
@@ -304,10 +320,65 @@ def plan_image(host, sysroot: Sysroot, config) -> ImagePlan:
     kernel_host = sysroot.resolve(kernel.image).host
     compression = choose_compression(config.get("image", "compression"), kconfig,
                                      _can_produce)
-    mtime = int(os.environ.get("SOURCE_DATE_EPOCH", "0") or 0)
+    mtime = source_date_epoch()
+    for directory in DEFAULT_PATH:  # a program installed later changes the plan
+        builder.watch.add(str(sysroot.host(directory)))
+    if kernel.config:
+        builder.watch.add(str(sysroot.host(kernel.config)))
     return ImagePlan(kernel, kernel_host, _stamp(os.stat(kernel_host)),
                      tuple(sorted(builder.entries.values(), key=lambda e: e.path)),
-                     compression, mtime, module_names, tuple(missing), frozenset(features))
+                     compression, mtime, module_names, tuple(missing), frozenset(features),
+                     tuple(sorted(builder.watch)))
+
+
+def source_date_epoch() -> int:
+    return int(os.environ.get("SOURCE_DATE_EPOCH", "0") or 0)
+
+
+# ---------------------------------------------------------------- the warm path
+
+
+def watch_stamp(path: str) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode]
+
+
+def quick_key(sysroot: Sysroot, kernel: Kernel, contents: Contents, config) -> str:
+    """What decides the plan before anything is resolved: the hshelper version, the
+    root, the kernel file, the plugins' contributions and the image options."""
+    kernel_host = sysroot.resolve(kernel.image).host
+    material = [__version__, str(sysroot.root), repr(kernel), watch_stamp(str(kernel_host)),
+                repr(contents), config.get("image", "compression"), source_date_epoch(),
+                sorted(os.environ.get(k, "") for k in ("PATH",))]
+    return hashlib.sha256(json.dumps(material, default=str).encode()).hexdigest()[:32]
+
+
+def _memo_write(path: Path, plan: ImagePlan, key: str) -> None:
+    memo = {"image": key, "watch": [[p, watch_stamp(p)] for p in plan.watch],
+            "kernel_version": plan.kernel.version, "kernel": str(plan.kernel_host),
+            "compression": plan.compression, "modules": list(plan.modules),
+            "missing": list(plan.missing), "features": sorted(plan.features),
+            "files": len(plan.entries)}
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, path)
+
+
+def _memo_read(path: Path) -> dict | None:
+    """The memo when every watched path is as it was when the plan was made."""
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    for watched, stamp in memo.get("watch", []):
+        if watch_stamp(watched) != stamp:
+            return None
+    return memo
 
 
 def sysroot_path_for_link(sysroot: Sysroot, guest: str) -> str:
@@ -384,11 +455,34 @@ def cache_root(config) -> Path:
 
 
 def build_image(host, sysroot: Sysroot, config) -> ImageResult:
-    """Plan the image, and build it unless the cache has it. Returns the ImageResult."""
+    """Plan the image, and build it unless the cache has it. Returns the ImageResult.
+
+    Warm path: a memo keyed by :func:`quick_key` remembers the last plan's image key and
+    the stamps of every path the plan depended on; when none changed, the image is a
+    cache hit without resolving programs, reading ELF headers or module indexes.
+    """
     start = time.monotonic()
-    plan = plan_image(host, sysroot, config)
+    kernel, contents = gather(host, sysroot, config)
+    root = cache_root(config)
+    memo_path = root / "plans" / quick_key(sysroot, kernel, contents, config)
+    memo = _memo_read(memo_path)
+    if memo is not None and (root / "images" / memo["image"] / "initrd").is_file():
+        final = root / "images" / memo["image"]
+        result = ImageResult(
+            kernel_version=memo["kernel_version"], kernel=Path(memo["kernel"]),
+            initrd=final / "initrd", manifest=final / "manifest.json", key=memo["image"],
+            cached=True, seconds=time.monotonic() - start,
+            size=(final / "initrd").stat().st_size, compression=memo["compression"],
+            modules=tuple(memo["modules"]), files=memo["files"],
+            missing=tuple(memo["missing"]), features=frozenset(memo["features"]))
+        with contextlib.suppress(OSError):
+            os.utime(final)
+        host.hook.hshelper_image_built(image=result)
+        return result
+
+    plan = plan_image(host, sysroot, config, (kernel, contents))
     key = plan.key()
-    final = cache_root(config) / "images" / key
+    final = root / "images" / key
     cached = (final / "initrd").is_file()
     if not cached:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -414,6 +508,7 @@ def build_image(host, sysroot: Sysroot, config) -> ImageResult:
         finally:
             if work.exists():
                 shutil.rmtree(work, ignore_errors=True)
+    _memo_write(memo_path, plan, key)
     with contextlib.suppress(OSError):
         os.utime(final)  # "recently used", for `hshelper clean --older-than`
     result = ImageResult(

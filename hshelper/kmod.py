@@ -1,10 +1,13 @@
 """Kernel modules: the list format, the dependency closure and the load order.
 
-Everything here is computed on the host so the guest needs no modprobe, no depmod and no
-``modules.dep``: its init just runs ``insmod`` on a precomputed, ordered list of plain
-``.ko`` files (decompressed on the host, so any insmod, busybox's included, can load
-them). Dependencies come from ``modules.dep`` when the kernel package's postinstall made
-one, otherwise from each module's own ``.modinfo`` section (``depends=``, ``softdep=``).
+Everything here is computed on the host so the guest needs no depmod and no
+``modules.dep``: modules go into the image as plain ``.ko`` files (decompressed on the
+host, so any insmod, busybox's included, can load them). Device drivers marked "at boot"
+are insmod-ed by the guest init in a precomputed order; the rest (filesystems, loop,
+crypto) are loaded when the guest kernel asks for them (``request_module``) through a
+small table-driven modprobe (guest/modprobe, :func:`modprobe_table`), so a run pays only
+for the modules it uses. Dependencies come from ``modules.dep`` when the kernel
+package's postinstall made one, otherwise from each module's own ``.modinfo`` section.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from hshelper.elf import section_data
 from hshelper.errors import HshelperError
 
 SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+# The files of a module directory that load_tree reads.
+INDEX_FILES = ("modules.dep", "modules.alias", "modules.softdep", "modules.builtin",
+               "modules.devname")
 
 
 def canonical(name: str) -> str:
@@ -41,11 +47,18 @@ def module_name(path: str) -> str:
 
 @dataclass(frozen=True)
 class Wanted:
-    """A module named by a list: ``optional`` ones may be absent; ``origin`` is file:line."""
+    """A module named by a list: ``optional`` ones may be absent; ``boot`` ones are loaded
+    by the guest init (device drivers: nothing asks the kernel for them); ``origin`` is
+    file:line."""
 
     name: str
     optional: bool
     origin: str
+    boot: bool = False
+
+    def spec(self) -> str:
+        """Back to the list syntax."""
+        return self.name + ("?" if self.optional else "") + ("!" if self.boot else "")
 
 
 def parse_list(text: str, origin: str,
@@ -53,9 +66,10 @@ def parse_list(text: str, origin: str,
                _depth: int = 0) -> list[Wanted]:
     """Parse ``kernel-modules.lst`` text.
 
-    One module a line; ``#`` starts a comment; a trailing ``?`` marks a module optional;
-    ``include FILE`` reads another list (``include`` gets FILE and returns its text and
-    its origin name). Raises HshelperError with file:line on a malformed line.
+    One module a line; ``#`` starts a comment; a trailing ``?`` marks a module optional,
+    a trailing ``!`` one loaded at boot (both may be given); ``include FILE`` reads
+    another list (``include`` gets FILE and returns its text and its origin name).
+    Raises HshelperError with file:line on a malformed line.
     """
     if _depth > 8:
         raise HshelperError(f"{origin}: includes nested too deeply (a loop?)")
@@ -72,10 +86,11 @@ def parse_list(text: str, origin: str,
             sub_text, sub_origin = include(words[1])
             out += parse_list(sub_text, sub_origin, include, _depth + 1)
             continue
-        if len(words) != 1 or not re.fullmatch(r"[A-Za-z0-9_\-]+\??", line):
+        match = re.fullmatch(r"([A-Za-z0-9_\-]+)([?!]{0,2})", line)
+        if len(words) != 1 or not match or len(set(match.group(2))) != len(match.group(2)):
             raise HshelperError(f"{where}: expected one module name per line, got {raw.strip()!r}")
-        optional = line.endswith("?")
-        out.append(Wanted(canonical(line.rstrip("?")), optional, where))
+        flags = match.group(2)
+        out.append(Wanted(canonical(match.group(1)), "?" in flags, where, "!" in flags))
     return out
 
 
@@ -105,7 +120,10 @@ class ModuleTree:
 
     ``paths``: module name -> path relative to the module dir; ``deps``: name -> names it
     needs (filled lazily from .modinfo when there is no modules.dep); ``builtin``: names
-    compiled into the kernel; ``aliases``: alias -> module names.
+    compiled into the kernel; ``aliases``: alias -> module names (exact ones, for
+    lookups by name); ``requests``: module -> the alias patterns the kernel's
+    request_module() may ask for it by (fs-ext4, char-major-10-237, crypto-crc32c);
+    ``devnames``: module -> (device node, "c"/"b", major, minor) that loads it on open.
     """
 
     moddir: Path
@@ -115,6 +133,8 @@ class ModuleTree:
     softdeps: dict[str, tuple[str, ...]] = field(default_factory=dict)
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
     has_depfile: bool = False
+    requests: dict[str, tuple[str, ...]] | None = None
+    devnames: dict[str, tuple[str, str, int, int]] | None = None
 
     def lookup(self, name: str) -> str | None:
         """The module name that provides ``name`` (itself, or via an exact alias)."""
@@ -132,9 +152,35 @@ class ModuleTree:
             self._read_modinfo(name)
         return self.deps.get(name, ()), self.softdeps.get(name, ())
 
+    def request_aliases(self, name: str) -> tuple[str, ...]:
+        """The patterns request_module() may use for ``name`` (always including itself)."""
+        if self.requests is None:
+            self._read_modinfo(name)
+            found = self._modinfo_requests.get(name, ())
+        else:
+            found = self.requests.get(name, ())
+        return (name, *found)
+
+    def devname(self, name: str) -> tuple[str, str, int, int] | None:
+        if self.devnames is None:
+            self._read_modinfo(name)
+            return self._modinfo_devnames.get(name)
+        return self.devnames.get(name)
+
     def _read_modinfo(self, name: str) -> None:
+        if not hasattr(self, "_modinfo_requests"):
+            self._modinfo_requests: dict[str, tuple[str, ...]] = {}
+            self._modinfo_devnames: dict[str, tuple[str, str, int, int]] = {}
+        if name in self._modinfo_requests:
+            return
         info = modinfo(decompress_module(self.moddir / self.paths[name]))
-        self.deps[name] = tuple(canonical(d) for d in info.get("depends", "").split(",") if d)
+        aliases = info.get_all("alias")
+        self._modinfo_requests[name] = tuple(a for a in aliases if is_request_alias(a))
+        node = devname_from_aliases(aliases)
+        if node:
+            self._modinfo_devnames[name] = node
+        self.deps.setdefault(
+            name, tuple(canonical(d) for d in info.get("depends", "").split(",") if d))
         pre: list[str] = []
         for soft in info.get_all("softdep"):
             # "pre: a b post: c" -- only "pre" matters for loading order.
@@ -212,6 +258,51 @@ def _read_pairs_file(path: Path, keyword: str) -> dict[str, tuple[str, ...]]:
     return {k: tuple(v) for k, v in out.items()}
 
 
+def is_request_alias(alias: str) -> bool:
+    """Aliases the kernel itself asks modprobe for; device modaliases (bus:...) are
+    udev's business and never requested by the kernel, so they stay out of the image."""
+    return ":" not in alias
+
+
+def devname_from_aliases(aliases: Iterable[str]) -> tuple[str, str, int, int] | None:
+    """(node, kind, major, minor) from a module's "devname:X" and "char-major-M-m"
+    aliases: what depmod writes to modules.devname."""
+    node = next((a[len("devname:"):] for a in aliases if a.startswith("devname:")), None)
+    for alias in aliases:
+        match = re.fullmatch(r"(char|block)-major-(\d+)-(\d+)", alias)
+        if node and match:
+            return node, match.group(1)[0], int(match.group(2)), int(match.group(3))
+    return None
+
+
+def _read_devnames(path: Path) -> dict[str, tuple[str, str, int, int]] | None:
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    out = {}
+    for line in text.splitlines():
+        words = line.split()
+        match = len(words) == 3 and re.fullmatch(r"([cb])(\d+):(\d+)", words[2])
+        if match:
+            out[canonical(words[0])] = (words[1], match.group(1), int(match.group(2)),
+                                        int(match.group(3)))
+    return out
+
+
+def _read_requests(path: Path) -> dict[str, tuple[str, ...]] | None:
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) == 3 and words[0] == "alias" and is_request_alias(words[1]):
+            out.setdefault(canonical(words[2]), []).append(words[1])
+    return {k: tuple(v) for k, v in out.items()}
+
+
 def load_tree(moddir: Path) -> ModuleTree:
     """Index a module directory (``/lib/modules/VERSION`` on the host side)."""
     try:
@@ -236,7 +327,9 @@ def load_tree(moddir: Path) -> ModuleTree:
         # modules.softdep only lists modules that have one; the rest have none.
         for name in paths:
             softdeps.setdefault(name, ())
-        return ModuleTree(moddir, paths, builtin, deps, softdeps, aliases, True)
+        return ModuleTree(moddir, paths, builtin, deps, softdeps, aliases, True,
+                          requests=_read_requests(moddir / "modules.alias"),
+                          devnames=_read_devnames(moddir / "modules.devname"))
     return ModuleTree(moddir, _walk_modules(moddir), builtin, aliases=aliases)
 
 
@@ -245,13 +338,15 @@ def load_tree(moddir: Path) -> ModuleTree:
 
 @dataclass(frozen=True)
 class ModulePlan:
-    """The result of :func:`closure`: modules to load in order (names, with their paths
-    relative to the module dir), wanted names that are built in, optional ones that are
-    absent."""
+    """The result of :func:`closure`: the modules of the image in a valid load order
+    (names, with their paths relative to the module dir), wanted names that are built in,
+    optional ones that are absent, and ``boot``: the names the init loads, in order."""
 
     order: tuple[tuple[str, str], ...]
     builtin: tuple[str, ...]
     skipped: tuple[Wanted, ...]
+    boot: tuple[str, ...] = ()
+    needs: dict = field(default_factory=dict)  # name -> its own load order (deps first)
 
 
 def closure(tree: ModuleTree, wanted: Iterable[Wanted]) -> ModulePlan:
@@ -265,6 +360,8 @@ def closure(tree: ModuleTree, wanted: Iterable[Wanted]) -> ModulePlan:
     builtin: list[str] = []
     skipped: list[Wanted] = []
     visiting: set[str] = set()
+    direct: dict[str, list[str]] = {}
+    boot_roots: list[str] = []
 
     def visit(name: str, chain: tuple[str, ...]) -> None:
         if name in placed or name in tree.builtin:
@@ -273,10 +370,12 @@ def closure(tree: ModuleTree, wanted: Iterable[Wanted]) -> ModulePlan:
             return
         visiting.add(name)
         hard, soft = tree.dependencies(name)
+        mine = direct.setdefault(name, [])
         for dep in soft:
             found = tree.lookup(dep)
             if found:
                 visit(found, (*chain, name))
+                mine.append(found)
         for dep in hard:
             found = tree.lookup(dep)
             if found is None:
@@ -284,6 +383,7 @@ def closure(tree: ModuleTree, wanted: Iterable[Wanted]) -> ModulePlan:
                     f"kernel module {dep} (needed by {' -> '.join((*chain, name))}) "
                     f"is missing from {tree.moddir}")
             visit(found, (*chain, name))
+            mine.append(found)
         visiting.discard(name)
         placed.add(name)
         order.append((name, tree.paths[name]))
@@ -303,7 +403,43 @@ def closure(tree: ModuleTree, wanted: Iterable[Wanted]) -> ModulePlan:
                 builtin.append(found)
             continue
         visit(found, ())
-    return ModulePlan(tuple(order), tuple(builtin), tuple(skipped))
+        if want.boot:
+            boot_roots.append(found)
+    position = {name: i for i, (name, _) in enumerate(order)}
+
+    def needs(name: str) -> tuple[str, ...]:
+        seen: set[str] = set()
+        stack = [name]
+        while stack:
+            current = stack.pop()
+            if current not in seen and current in position:
+                seen.add(current)
+                stack += direct.get(current, [])
+        return tuple(sorted(seen, key=position.__getitem__))
+
+    all_needs = {name: needs(name) for name, _ in order}
+    boot = set().union(*(all_needs[n] for n in boot_roots)) if boot_roots else set()
+    return ModulePlan(tuple(order), tuple(builtin), tuple(skipped),
+                      tuple(sorted(boot, key=position.__getitem__)), all_needs)
+
+
+def modprobe_table(tree: ModuleTree, plan: ModulePlan) -> str:
+    """The guest modprobe's table for the modules in ``plan`` (see guest/modprobe).
+
+    Lines: "alias PATTERN MODULE" (shell glob patterns request_module() may use),
+    "needs MODULE DEP... MODULE" (its load order) and "node NAME c|b MAJOR MINOR" (device
+    nodes whose opening makes the kernel ask for a module, like /dev/loop-control).
+    """
+    lines = []
+    for name, _ in plan.order:
+        lines += [f"alias {pattern} {name}" for pattern in tree.request_aliases(name)]
+    for name, _ in plan.order:
+        lines.append(f"needs {name} {' '.join(plan.needs[name])}")
+    for name, _ in plan.order:
+        node = tree.devname(name)
+        if node:
+            lines.append("node {} {} {} {}".format(*node))
+    return "".join(line + "\n" for line in lines)
 
 
 # ---------------------------------------------------------------- decompression
@@ -328,3 +464,4 @@ def decompress_module(path: Path) -> bytes:
     if name.endswith(".ko.zst"):
         return zstd_decompress(data)
     return data
+

@@ -16,8 +16,9 @@ class Program:
     ``name``: a name looked up on the build root's PATH, or an absolute guest path.
     ``required``: a missing one is an error (else it is left out quietly and reported).
     ``applet``: a busybox applet may stand in for it when busybox is installed and the
-    real program is not (or ``prefer_applet`` is set: the guest's own plumbing, where
-    one busybox file is smaller than many programs and their libraries).
+    real program is not (or ``prefer_applet`` is set: one busybox file is smaller than
+    many programs and their libraries). ``applet=False`` insists on the real program;
+    merged with other requests for the same name, it wins (``--with cp`` means GNU cp).
     """
 
     name: str

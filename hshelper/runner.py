@@ -12,8 +12,7 @@ import io
 import logging
 import os
 import shlex
-
-import sh
+import subprocess
 
 from hshelper.errors import HshelperError
 
@@ -33,6 +32,8 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def run(argv: list[str], data: bytes | None = None, hint: str | None = None,
         env: dict[str, str] | None = None) -> bytes:
     """Run ``argv`` to completion and return its stdout as bytes."""
+    import sh  # here, not at the top: most runs (cache hits) never need it
+
     log.debug("+ %s", shlex.join(argv))
     out, err = io.BytesIO(), io.BytesIO()
     try:
@@ -53,5 +54,20 @@ def run(argv: list[str], data: bytes | None = None, hint: str | None = None,
 
 
 def pipe(argv: list[str], data: bytes, hint: str | None = None) -> bytes:
-    """Filter ``data`` through ``argv`` (a compressor or decompressor)."""
-    return run(argv, data, hint)
+    """Filter ``data`` through ``argv`` (a compressor or decompressor).
+
+    Plain subprocess here, not ``sh``: sh feeds stdin in small chunks through Python,
+    which made compressing a 25 MB archive take seconds instead of a tenth of one.
+    """
+    log.debug("+ %s <%d bytes", shlex.join(argv), len(data))
+    try:
+        proc = subprocess.run(argv, input=data, capture_output=True, env=clean_env())
+    except FileNotFoundError as exc:
+        raise HshelperError(f"{argv[0]}: command not found", hint=hint) from exc
+    if proc.returncode < 0:
+        raise HshelperError(f"{argv[0]} was killed by a signal", hint=hint)
+    if proc.returncode:
+        tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
+        raise HshelperError(f"{argv[0]} failed with exit status {proc.returncode}"
+                            + (f": {tail[0]}" if tail else ""), hint=hint)
+    return proc.stdout

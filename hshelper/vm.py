@@ -79,7 +79,6 @@ def qemu_argv(qemu: str, machine: Machine, fds: dict[str, int], extra: list[str]
         "-chardev", f"socket,id=console,fd={fds['console']}",
         "-serial", "chardev:console",
         "-device", "virtio-serial-pci,id=hshser",
-        "-device", "virtio-rng-pci",
     ]
     for port in PORTS:
         argv += ["-chardev", f"socket,id=hsh{port},fd={fds[port]}",
@@ -140,10 +139,13 @@ class VM:
                               extra)
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, pass_fds=[s.fileno() for s in self._theirs.values()],
-            preexec_fn=_pdeathsig, start_new_session=True)
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, pass_fds=[s.fileno() for s in self._theirs.values()],
+                preexec_fn=_pdeathsig, start_new_session=True)
+        except OSError as exc:
+            raise HshelperError(f"cannot start {self.qemu}: {exc.strerror}") from exc
         for sock in self._theirs.values():
             sock.close()
         if self.forward_stdin:

@@ -1,6 +1,7 @@
 """The base guest: init, shell, mount, insmod, device nodes and the base module list.
 
-Contributes /init (hshelper/guest/init), the programs the init itself runs, the everyday
+Contributes /init (hshelper/guest/init) and the on-demand module loader
+(hshelper/guest/modprobe), the programs the init itself runs, the everyday
 utilities a recipe script expects (busybox applets where busybox is installed, coreutils
 and friends otherwise), /dev/console and /dev/null in the archive, and the modules of
 kernel-modules.lst plus image.module_lists and image.modules. Config: image.programs.
@@ -16,8 +17,10 @@ from hshelper.hookspecs import hookimpl
 from hshelper.model import Contents, Device, File, Program
 
 # What the init runs; one busybox binary beats shell + util-linux + kmod for size.
-INIT_PROGRAMS = ("sh", "mount", "insmod", "env", "mkdir", "ln", "sleep", "sync")
-# What recipe scripts commonly call; each only when installed.
+INIT_PROGRAMS = ("sh", "mount", "insmod", "env", "mkdir", "ln", "sleep", "sync", "mknod")
+REAL_PROGRAMS = ("mount", "umount")
+# What recipe scripts commonly call; each only when installed (as busybox applets when
+# busybox is installed).
 UTILITIES = (
     "cat", "cp", "mv", "rm", "ln", "ls", "chmod", "chown", "dd", "truncate", "touch",
     "echo", "printf", "head", "tail", "sed", "grep", "awk", "find", "xargs", "stat",
@@ -35,21 +38,29 @@ def base_modules(config) -> tuple[str, ...]:
     wanted = kmod.parse_list(text, "kernel-modules.lst")
     for extra in config.get("image", "module_lists"):
         wanted += kmod.read_list(Path(extra))
-    names = [w.name + ("?" if w.optional else "") for w in wanted]
+    names = [w.spec() for w in wanted]
     return tuple(names + list(config.get("image", "modules")))
 
 
 @hookimpl
 def hshelper_image_contents(config):
-    init = resources.files("hshelper.guest").joinpath("init").read_bytes()
-    programs = [Program(p, required=p in ("sh", "mount", "insmod", "env"), prefer_applet=True)
-                for p in INIT_PROGRAMS]
-    programs += [Program(p) for p in UTILITIES]
-    programs += [Program(p, required=True) for p in config.get("image", "programs")]
+    guest = resources.files("hshelper.guest")
+    init = guest.joinpath("init").read_bytes()
+    modprobe = guest.joinpath("modprobe").read_bytes()
+    # util-linux mount where installed: busybox's cannot detect a filesystem's type, and
+    # `mount /dev/vda2 /mnt` is what recipes write.
+    programs = [Program(p, required=p in ("sh", "mount", "insmod", "env"),
+                        prefer_applet=p not in REAL_PROGRAMS) for p in INIT_PROGRAMS]
+    # Busybox's applets for the everyday utilities keep the image small (GNU coreutils,
+    # grep, sed, findutils weigh 5 MB with their libraries); roots without busybox get
+    # the real ones, and --with NAME / image.programs insists on the real program.
+    programs += [Program(p, prefer_applet=p not in REAL_PROGRAMS) for p in UTILITIES]
+    programs += [Program(p, required=True, applet=False) for p in config.get("image", "programs")]
     return Contents(
         modules=base_modules(config),
         programs=tuple(programs),
-        files=(File("/init", data=init, mode=0o755),),
+        files=(File("/init", data=init, mode=0o755),
+               File("/hshelper/modprobe", data=modprobe, mode=0o755)),
         directories=DIRECTORIES,
         devices=(Device("/dev/console", "c", 5, 1), Device("/dev/null", "c", 1, 3, 0o666)),
     )

@@ -84,6 +84,7 @@ def hshelper_add_arguments(parser, command):
 
 @hookimpl
 def hshelper_image_contents():
+    # Not loaded at boot: a run with disks loads it in its setup step (below).
     return Contents(modules=("virtio_blk",))
 
 
@@ -125,7 +126,8 @@ def hshelper_guest_setup(spec):
     cases = "".join(
         f'    {d.name}) hsh_guest_env="$hsh_guest_env {env_name(d)}=$hsh_dev" ;;\n'
         for d in spec.disks)
-    code = ("mkdir -p /dev/disk/hshelper\n"
+    code = ("/hshelper/modprobe virtio_blk\n"  # probing is synchronous: vdX exist after
+            "mkdir -p /dev/disk/hshelper\n"
             "for hsh_b in /sys/block/vd*; do\n"
             '  [ -r "$hsh_b/serial" ] || continue\n'
             '  read -r hsh_s <"$hsh_b/serial"\n'

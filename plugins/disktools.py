@@ -2,8 +2,9 @@
 
 sfdisk, sgdisk, parted, wipefs, blkid, partx, losetup's friends, mkfs for ext4, vfat,
 xfs and btrfs, their fsck, tar and the like, plus the config files some of them read
-(/etc/mke2fs.conf). Nothing here is required: a recipe that needs a missing tool gets
-exit 127 with the tool's name. No config keys.
+(/etc/mke2fs.conf), and the kernel modules of the filesystems whose mkfs is installed
+(xfs, btrfs: big modules nobody needs without their tools). Nothing here is required: a
+recipe that needs a missing tool gets exit 127 with the tool's name. No config keys.
 """
 
 from __future__ import annotations
@@ -21,9 +22,13 @@ TOOLS = (
     "rsync", "chroot", "unshare",
 )
 CONFIG_FILES = ("/etc/mke2fs.conf", "/etc/mtools.conf")
+# Filesystem module -> the mkfs whose presence makes it worth its size.
+FS_MODULES = {"xfs": "mkfs.xfs", "btrfs": "mkfs.btrfs"}
 
 
 @hookimpl
 def hshelper_image_contents(sysroot):
     files = tuple(File(path, source=path) for path in CONFIG_FILES if sysroot.exists(path))
-    return Contents(programs=tuple(Program(t, applet=False) for t in TOOLS), files=files)
+    modules = tuple(f"{m}?" for m, tool in FS_MODULES.items() if sysroot.which(tool))
+    return Contents(programs=tuple(Program(t, applet=False) for t in TOOLS), files=files,
+                    modules=modules)

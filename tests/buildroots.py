@@ -94,7 +94,9 @@ def ensure_root(name: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             if source is not None:
-                shutil.copytree(source, tmp, symlinks=True)
+                # cp -a, not shutil.copytree: a root has device nodes (/dev/zero) that
+                # copytree would read forever.
+                subprocess.run(["cp", "-a", str(source), str(tmp)], check=True)
                 _fedora_layout(tmp)
             else:
                 _mmdebstrap(recipe, tmp)
