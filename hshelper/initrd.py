@@ -294,7 +294,7 @@ def plan_image(host, sysroot: Sysroot, config,
         moddir_host = sysroot.resolve(kernel.moddir).host
         builder.watch.add(str(moddir_host))
         builder.watch.update(str(moddir_host / n) for n in kmod.INDEX_FILES)
-        tree = kmod.load_tree(moddir_host)
+        tree = kmod.load_tree(moddir_host, cache_root(config) / "modindex")
         wanted = kmod.parse_list("\n".join(contents.modules), "image modules")
         plan = kmod.closure(tree, wanted)
         missing += [f"module {w.name}" for w in plan.skipped]

@@ -12,11 +12,15 @@ package's postinstall made one, otherwise from each module's own ``.modinfo`` se
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import hashlib
+import json
 import lzma
 import os
 import re
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -303,8 +307,13 @@ def _read_requests(path: Path) -> dict[str, tuple[str, ...]] | None:
     return {k: tuple(v) for k, v in out.items()}
 
 
-def load_tree(moddir: Path) -> ModuleTree:
-    """Index a module directory (``/lib/modules/VERSION`` on the host side)."""
+def load_tree(moddir: Path, index_cache: Path | None = None) -> ModuleTree:
+    """Index a module directory (``/lib/modules/VERSION`` on the host side).
+
+    Without modules.dep and with ``index_cache`` (a directory), every module's .modinfo
+    is read once and the resulting index cached there; without either, dependencies are
+    read lazily from the modules that are needed (aliases then resolve only by name).
+    """
     try:
         builtin_text = (moddir / "modules.builtin").read_text()
     except OSError:
@@ -330,7 +339,71 @@ def load_tree(moddir: Path) -> ModuleTree:
         return ModuleTree(moddir, paths, builtin, deps, softdeps, aliases, True,
                           requests=_read_requests(moddir / "modules.alias"),
                           devnames=_read_devnames(moddir / "modules.devname"))
-    return ModuleTree(moddir, _walk_modules(moddir), builtin, aliases=aliases)
+    paths = _walk_modules(moddir)
+    if index_cache is None:
+        return ModuleTree(moddir, paths, builtin, aliases=aliases)
+    index = _cached_index(moddir, paths, index_cache)
+    return ModuleTree(
+        moddir, paths, builtin,
+        deps={n: tuple(v["depends"]) for n, v in index.items()},
+        softdeps={n: tuple(v["pre"]) for n, v in index.items()},
+        aliases=_exact_aliases(index), has_depfile=False,
+        requests={n: tuple(v["requests"]) for n, v in index.items()},
+        devnames={n: tuple(v["node"]) for n, v in index.items() if v["node"]})
+
+
+def _exact_aliases(index: dict) -> dict[str, tuple[str, ...]]:
+    out: dict[str, list[str]] = {}
+    for name, entry in sorted(index.items()):
+        for alias in entry["aliases"]:
+            out.setdefault(canonical(alias), []).append(name)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def index_entry(info: ModInfo) -> dict:
+    """What depmod would have written about one module, from its .modinfo."""
+    pre: list[str] = []
+    for soft in info.get_all("softdep"):
+        section = None
+        for word in soft.split():
+            if word.endswith(":"):
+                section = word[:-1]
+            elif section == "pre":
+                pre.append(canonical(word))
+    aliases = info.get_all("alias")
+    return {"depends": [canonical(d) for d in info.get("depends", "").split(",") if d],
+            "pre": pre,
+            "aliases": [a for a in aliases if "*" not in a and ":" not in a],
+            "requests": [a for a in aliases if is_request_alias(a)],
+            "node": devname_from_aliases(aliases)}
+
+
+def _cached_index(moddir: Path, paths: dict[str, str], cache: Path) -> dict:
+    """A depmod-like index of a module tree that has no modules.dep, built from every
+    module's .modinfo (decompressing them: seconds for a whole tree) and cached under
+    ``cache`` keyed by the files' sizes and mtimes."""
+    stamps = []
+    for name in sorted(paths):
+        st = os.stat(moddir / paths[name])
+        stamps.append([paths[name], st.st_size, st.st_mtime_ns])
+    key = hashlib.sha256(json.dumps([str(moddir), stamps]).encode()).hexdigest()[:24]
+    where = cache / f"{key}.json"
+    try:
+        return json.loads(where.read_text())
+    except (OSError, ValueError):
+        pass
+
+    def one(name: str) -> tuple[str, dict]:
+        return name, index_entry(modinfo(decompress_module(moddir / paths[name])))
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        index = dict(pool.map(one, sorted(paths)))
+    with contextlib.suppress(OSError):
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = where.with_name(f".{where.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, where)
+    return index
 
 
 # ---------------------------------------------------------------- the closure

@@ -144,6 +144,10 @@ def main(session, args, config, shell: bool = False) -> int:
         spec = dataclasses.replace(spec, cpus=1 if accel.name == "tcg" else
                                    min(2, os.cpu_count() or 1))
     spec = chain_run_spec(host, spec, config, args)
+    if not any(spec.cwd == s.guest or spec.cwd.startswith(s.guest.rstrip("/") + "/")
+               for s in spec.shares):
+        # Not shared (--no-share-cwd, or no share plugin): the guest starts in /.
+        spec = dataclasses.replace(spec, cwd="/")
     image = initrd.build_image(host, sysroot, config)
     if "virtio_console" not in image.features:
         raise HshelperError(f"kernel {image.kernel_version} has no virtio_console module, "

@@ -24,7 +24,7 @@ MIRROR = "http://deb.debian.org/debian"
 SECURITY = "http://deb.debian.org/debian-security"
 BACKPORTS = f"deb {MIRROR} bookworm-backports main"
 # Bumped when the way roots are made changes in a way the recipe does not show.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 # What hshelper itself needs in a build root (a packager would install the same).
 HSHELPER_DEPS = ["python3", "python3-pluggy", "python3-sh", "python3-tenacity", "python3-toml"]
@@ -127,9 +127,11 @@ def _fedora_layout(root: Path) -> None:
     moddirs = sorted((root / "usr/lib/modules").iterdir())
     for moddir in moddirs:
         version = moddir.name
-        kernel = root / "boot" / f"vmlinuz-{version}"
-        if kernel.exists():
-            os.rename(kernel, moddir / "vmlinuz")
+        for boot_name, fedora_name in (("vmlinuz", "vmlinuz"), ("config", "config"),
+                                       ("System.map", "System.map")):
+            boot_file = root / "boot" / f"{boot_name}-{version}"
+            if boot_file.exists():
+                os.rename(boot_file, moddir / fedora_name)
         for dep in moddir.glob("modules.*"):
             if dep.name not in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
                 dep.unlink()

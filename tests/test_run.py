@@ -13,8 +13,9 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def root(bookworm):
+    """The bookworm root with /proc mounted for this test only."""
     with chroot.proc_mounted(bookworm):
         yield bookworm
 
