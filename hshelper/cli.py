@@ -109,7 +109,9 @@ class Session:
         # [plugins] from the files decides what loads; validated with the rest below.
         for layer in layers:
             blocked |= set(layer.values.get("plugins.disable", []))
-        local = [Path(p) for layer in layers for p in layer.values.get("plugins.load", [])]
+        # A plugin file named in a config file is relative to that file.
+        local = [Path(layer.origin).parent / p if "/" in layer.origin else Path(p)
+                 for layer in layers for p in layer.values.get("plugins.load", [])]
         self.host = PluginHost(blocked=blocked, files=local)
         self.keys = [k for keys in self.host.hook.hshelper_config_keys() for k in keys]
         self.file_layers = layers

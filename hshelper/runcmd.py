@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 import resource
+import shlex
 import shutil
 import signal
 import sys
@@ -182,6 +183,8 @@ def main(session, args, config, shell: bool = False) -> int:
                           " ".join(words))
         vm = VM(qemu, machine, qemu_extra, console_log, spec.stdin, spec.verbose)
         host.hook.hshelper_before_run(spec=spec, argv=vm.argv)
+        if spec.verbose:
+            print(f"hshelper: qemu: {shlex.join(vm.argv)}", file=sys.stderr, flush=True)
         outcome = host.hook.hshelper_run_vm(spec=spec, vm=vm, stop=stop, timeout=spec.timeout)
     finally:
         for sig, old in old_handlers.items():
