@@ -56,7 +56,8 @@ def payload_script(spec: RunSpec) -> str:
         # env -i: the command sees the caller's environment, not the init's.
         # $hsh_guest_env: NAME=VALUE words only the guest knows (disk device paths),
         # added by setup steps; unquoted on purpose, its values contain no blanks.
-        f'hsh_payload() {{ env -i {words} $hsh_guest_env "$hsh_cmd" {args}; }}\n'
+        # $hsh_enter: set by the init to chroot into the build root (--mode root).
+        f'hsh_payload() {{ $hsh_enter env -i {words} $hsh_guest_env "$hsh_cmd" {args}; }}\n'
     )
 
 

@@ -230,3 +230,18 @@ def test_skip_without_kvm_exits_0_with_warning(root):
     proc = helper_run(root, "--skip-without-kvm", "sh", "-c", "exit 3")
     assert proc.returncode == 0
     assert b"skipping" in proc.stderr
+
+
+def test_mode_root_runs_the_build_roots_own_programs(root):
+    """--mode root: qemu-img is installed in the build root but not in the image."""
+    work = chroot.fresh_dir(root, "rootmode")
+    script = "command -v qemu-img && qemu-img --version | head -1 && pwd && echo hi > out.txt"
+    proc = helper_run(root, "--mode", "root", "sh", "-c", script, cwd=work)
+    assert proc.returncode == 0, proc.stderr.decode()
+    lines = proc.stdout.decode().splitlines()
+    assert lines[0] == "/usr/bin/qemu-img" and "qemu-img version" in lines[1]
+    assert lines[2] == work
+    out = root / work.lstrip("/") / "out.txt"
+    assert out.read_text() == "hi\n" and out.stat().st_uid == chroot.BUILD_UID
+    missing = helper_run(root, "--mode", "root", "no-such-tool-xyz", cwd=work)
+    assert missing.returncode == 127
