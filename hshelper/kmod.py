@@ -177,24 +177,24 @@ class ModuleTree:
             self._modinfo_devnames: dict[str, tuple[str, str, int, int]] = {}
         if name in self._modinfo_requests:
             return
-        info = modinfo(decompress_module(self.moddir / self.paths[name]))
-        aliases = info.get_all("alias")
-        self._modinfo_requests[name] = tuple(a for a in aliases if is_request_alias(a))
-        node = devname_from_aliases(aliases)
-        if node:
-            self._modinfo_devnames[name] = node
-        self.deps.setdefault(
-            name, tuple(canonical(d) for d in info.get("depends", "").split(",") if d))
-        pre: list[str] = []
-        for soft in info.get_all("softdep"):
-            # "pre: a b post: c" -- only "pre" matters for loading order.
-            section = None
-            for word in soft.split():
-                if word.endswith(":"):
-                    section = word[:-1]
-                elif section == "pre":
-                    pre.append(canonical(word))
-        self.softdeps.setdefault(name, tuple(pre))
+        entry = index_entry(modinfo(decompress_module(self.moddir / self.paths[name])))
+        self._modinfo_requests[name] = tuple(entry["requests"])
+        if entry["node"]:
+            self._modinfo_devnames[name] = tuple(entry["node"])
+        self.deps.setdefault(name, tuple(entry["depends"]))
+        self.softdeps.setdefault(name, tuple(entry["pre"]))
+
+
+def pre_softdeps(words: Iterable[str]) -> list[str]:
+    """The "pre:" modules of a softdep ("pre: a b post: c"): only they matter for the
+    load order."""
+    pre, section = [], None
+    for word in words:
+        if word.endswith(":"):
+            section = word[:-1]
+        elif section == "pre":
+            pre.append(canonical(word))
+    return pre
 
 
 class ModInfo(dict):
@@ -326,13 +326,7 @@ def load_tree(moddir: Path, index_cache: Path | None = None) -> ModuleTree:
         paths, deps = _read_depfile(moddir)
         softdeps = {}
         for name, words in _read_pairs_file(moddir / "modules.softdep", "softdep").items():
-            pre, section = [], None
-            for word in words:
-                if word.endswith(":"):
-                    section = word[:-1]
-                elif section == "pre":
-                    pre.append(canonical(word))
-            softdeps[name] = tuple(pre)
+            softdeps[name] = tuple(pre_softdeps(words))
         # modules.softdep only lists modules that have one; the rest have none.
         for name in paths:
             softdeps.setdefault(name, ())
@@ -362,14 +356,7 @@ def _exact_aliases(index: dict) -> dict[str, tuple[str, ...]]:
 
 def index_entry(info: ModInfo) -> dict:
     """What depmod would have written about one module, from its .modinfo."""
-    pre: list[str] = []
-    for soft in info.get_all("softdep"):
-        section = None
-        for word in soft.split():
-            if word.endswith(":"):
-                section = word[:-1]
-            elif section == "pre":
-                pre.append(canonical(word))
+    pre = pre_softdeps(w for soft in info.get_all("softdep") for w in soft.split())
     aliases = info.get_all("alias")
     return {"depends": [canonical(d) for d in info.get("depends", "").split(",") if d],
             "pre": pre,

@@ -62,6 +62,9 @@ RECIPES: dict[str, Recipe] = {
     # Fedora's layout, made from bookworm-612: kernel at /usr/lib/modules/V/vmlinuz, an
     # empty /boot, .ko.xz modules and no modules.dep (as if unpacked without depmod).
     "fedora-layout": Recipe((), derive="bookworm-612"),
+    # hasher's view of the world, made from bookworm: /dev holds only null, zero and
+    # urandom (and /proc is mounted only when asked for).
+    "hasher-like": Recipe((), derive="bookworm"),
 }
 
 
@@ -94,10 +97,10 @@ def ensure_root(name: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             if source is not None:
-                # cp -a, not shutil.copytree: a root has device nodes (/dev/zero) that
-                # copytree would read forever.
-                subprocess.run(["cp", "-a", str(source), str(tmp)], check=True)
-                _fedora_layout(tmp)
+                # cp, not shutil.copytree: a root has device nodes (/dev/zero) that
+                # copytree would read forever; -x stays out of a /proc a test mounted.
+                subprocess.run(["cp", "-ax", str(source), str(tmp)], check=True)
+                DERIVE[name](tmp)
             else:
                 _mmdebstrap(recipe, tmp)
             (tmp / ".hshelper-root-done").write_text(json.dumps(asdict(recipe)) + "\n")
@@ -123,6 +126,15 @@ def _mmdebstrap(recipe: Recipe, dest: Path) -> None:
     subprocess.run(argv, check=True)
 
 
+def _hasher_dev(root: Path) -> None:
+    for entry in (root / "dev").iterdir():
+        if entry.name not in ("null", "zero", "urandom"):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
 def _fedora_layout(root: Path) -> None:
     moddirs = sorted((root / "usr/lib/modules").iterdir())
     for moddir in moddirs:
@@ -140,3 +152,6 @@ def _fedora_layout(root: Path) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
+
+
+DERIVE = {"fedora-layout": _fedora_layout, "hasher-like": _hasher_dev}

@@ -245,3 +245,33 @@ def test_mode_root_runs_the_build_roots_own_programs(root):
     assert out.read_text() == "hi\n" and out.stat().st_uid == chroot.BUILD_UID
     missing = helper_run(root, "--mode", "root", "no-such-tool-xyz", cwd=work)
     assert missing.returncode == 127
+
+
+@pytest.mark.parametrize("with_proc", [True, False])
+def test_hasher_like_root(root_factory, with_proc):
+    """/dev with only null, zero and urandom; with /proc the cwd is shared and the
+    output belongs to the build user; without it the share is refused with the fix and
+    --no-share-cwd still runs a disk job."""
+    hasher = root_factory("hasher-like")
+    assert sorted(p.name for p in (hasher / "dev").iterdir()) == ["null", "urandom", "zero"]
+    work = chroot.fresh_dir(hasher, "job")
+    script = ("printf 'label: gpt\\n,,L\\n' | sfdisk -q $HSHELPER_DISK_OUT && "
+              "mkfs.ext4 -q ${HSHELPER_DISK_OUT}1 && echo formatted")
+    if with_proc:
+        with chroot.proc_mounted(hasher):
+            proc = helper_run(hasher, "--disk", "out.img,size=64M,name=out", "sh", "-c",
+                              script + " && echo ok > done.txt", cwd=work)
+        assert proc.returncode == 0, proc.stderr.decode()
+        done = hasher / work.lstrip("/") / "done.txt"
+        assert done.read_text() == "ok\n" and done.stat().st_uid == chroot.BUILD_UID
+    else:
+        refused = helper_run(hasher, "true", cwd=work)
+        assert refused.returncode == 125 and b"mountpoints=/proc" in refused.stderr
+        proc = helper_run(hasher, "--no-share-cwd", "--disk", "out.img,size=64M,name=out",
+                          "sh", "-c", script, cwd=work)
+        assert proc.returncode == 0, proc.stderr.decode()
+    assert b"formatted" in proc.stdout
+    image = hasher / work.lstrip("/") / "out.img"
+    assert image.stat().st_uid == chroot.BUILD_UID
+    dump = subprocess.run(["sfdisk", "-d", str(image)], capture_output=True, text=True)
+    assert "label: gpt" in dump.stdout
