@@ -356,12 +356,26 @@ def quick_key(sysroot: Sysroot, kernel: Kernel, contents: Contents, config) -> s
     return hashlib.sha256(json.dumps(material, default=str).encode()).hexdigest()[:32]
 
 
-def _memo_write(path: Path, plan: ImagePlan, key: str) -> None:
-    memo = {"image": key, "watch": [[p, watch_stamp(p)] for p in plan.watch],
-            "kernel_version": plan.kernel.version, "kernel": str(plan.kernel_host),
+def summary(plan: ImagePlan) -> dict:
+    """What an image's info.json (and the warm-path memo) say about it."""
+    return {"kernel_version": plan.kernel.version, "kernel": str(plan.kernel_host),
             "compression": plan.compression, "modules": list(plan.modules),
             "missing": list(plan.missing), "features": sorted(plan.features),
             "files": len(plan.entries)}
+
+
+def _result(info: dict, final: Path, key: str, cached: bool, start: float) -> ImageResult:
+    return ImageResult(
+        kernel_version=info["kernel_version"], kernel=Path(info["kernel"]),
+        initrd=final / "initrd", manifest=final / "manifest.json", key=key, cached=cached,
+        seconds=time.monotonic() - start, size=(final / "initrd").stat().st_size,
+        compression=info["compression"], modules=tuple(info["modules"]),
+        files=info["files"], missing=tuple(info["missing"]),
+        features=frozenset(info["features"]))
+
+
+def _memo_write(path: Path, plan: ImagePlan, key: str) -> None:
+    memo = {"image": key, "watch": [[p, watch_stamp(p)] for p in plan.watch], **summary(plan)}
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -468,13 +482,7 @@ def build_image(host, sysroot: Sysroot, config) -> ImageResult:
     memo = _memo_read(memo_path)
     if memo is not None and (root / "images" / memo["image"] / "initrd").is_file():
         final = root / "images" / memo["image"]
-        result = ImageResult(
-            kernel_version=memo["kernel_version"], kernel=Path(memo["kernel"]),
-            initrd=final / "initrd", manifest=final / "manifest.json", key=memo["image"],
-            cached=True, seconds=time.monotonic() - start,
-            size=(final / "initrd").stat().st_size, compression=memo["compression"],
-            modules=tuple(memo["modules"]), files=memo["files"],
-            missing=tuple(memo["missing"]), features=frozenset(memo["features"]))
+        result = _result(memo, final, memo["image"], True, start)
         with contextlib.suppress(OSError):
             os.utime(final)
         host.hook.hshelper_image_built(image=result)
@@ -494,11 +502,7 @@ def build_image(host, sysroot: Sysroot, config) -> ImageResult:
             with open(work / "manifest.json", "w") as fh:
                 for item in manifest_lines(plan, entries):
                     fh.write(json.dumps(item, sort_keys=True) + "\n")
-            info = {"kernel_version": plan.kernel.version, "kernel": str(plan.kernel_host),
-                    "compression": plan.compression, "modules": list(plan.modules),
-                    "missing": list(plan.missing), "features": sorted(plan.features),
-                    "files": len(plan.entries)}
-            (work / "info.json").write_text(json.dumps(info, indent=1) + "\n")
+            (work / "info.json").write_text(json.dumps(summary(plan), indent=1) + "\n")
             try:
                 os.rename(work, final)
             except OSError:
@@ -511,12 +515,7 @@ def build_image(host, sysroot: Sysroot, config) -> ImageResult:
     _memo_write(memo_path, plan, key)
     with contextlib.suppress(OSError):
         os.utime(final)  # "recently used", for `hshelper clean --older-than`
-    result = ImageResult(
-        kernel_version=plan.kernel.version, kernel=plan.kernel_host,
-        initrd=final / "initrd", manifest=final / "manifest.json", key=key, cached=cached,
-        seconds=time.monotonic() - start, size=(final / "initrd").stat().st_size,
-        compression=plan.compression, modules=plan.modules, files=len(plan.entries),
-        missing=plan.missing, features=plan.features)
+    result = _result(summary(plan), final, key, cached, start)
     host.hook.hshelper_image_built(image=result)
     return result
 

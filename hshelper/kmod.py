@@ -139,6 +139,9 @@ class ModuleTree:
     has_depfile: bool = False
     requests: dict[str, tuple[str, ...]] | None = None
     devnames: dict[str, tuple[str, str, int, int]] | None = None
+    # What lazily read .modinfo sections said (trees without index files).
+    _modinfo_requests: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    _modinfo_devnames: dict[str, tuple] = field(default_factory=dict, repr=False)
 
     def lookup(self, name: str) -> str | None:
         """The module name that provides ``name`` (itself, or via an exact alias)."""
@@ -172,9 +175,6 @@ class ModuleTree:
         return self.devnames.get(name)
 
     def _read_modinfo(self, name: str) -> None:
-        if not hasattr(self, "_modinfo_requests"):
-            self._modinfo_requests: dict[str, tuple[str, ...]] = {}
-            self._modinfo_devnames: dict[str, tuple[str, str, int, int]] = {}
         if name in self._modinfo_requests:
             return
         entry = index_entry(modinfo(decompress_module(self.moddir / self.paths[name])))
