@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent
@@ -27,14 +28,18 @@ sys.exit({func}())
 def install(root: Path) -> None:
     """Copy this checkout's hshelper into ``root`` (/opt/hshelper + wrappers)."""
     target = root / "opt/hshelper"
-    tmp = root / "opt/.hshelper.new"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # A private temporary name: test runs in parallel may install into the same root.
+    tmp = Path(tempfile.mkdtemp(prefix=".hshelper.", dir=root / "opt"))
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(SRC / "hshelper", tmp / "hshelper", ignore=ignore, symlinks=False)
     shutil.copytree(SRC / "plugins", tmp / "hshelper/plugins", ignore=ignore)
     shutil.copytree(SRC / "recipes", tmp / "hshelper/recipes", ignore=ignore)
-    shutil.rmtree(target, ignore_errors=True)
+    tmp.chmod(0o755)
+    old = Path(tempfile.mkdtemp(prefix=".hshelper.old.", dir=root / "opt"))
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(target, old / "hshelper")
     os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
     for name, func in (("hshelper", "main"), ("helper-run", "helper_run_main")):
         wrapper = root / "usr/local/bin" / name
         wrapper.parent.mkdir(parents=True, exist_ok=True)
