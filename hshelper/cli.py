@@ -165,7 +165,7 @@ def cmd_build(session: Session, args, config) -> int:
         initrd.write_output(image, Path(args.output))
     _report_build(image, args.json)
     if image.missing and args.verbose:
-        print("hshelper: not in the build root (left out): " + ", ".join(image.missing),
+        print("hshelper: left out of the image: " + ", ".join(image.missing),
               file=sys.stderr)
     return 0
 
@@ -183,12 +183,13 @@ def cmd_info(session: Session, args, config) -> int:
         return EXIT_FAILED
     plan = initrd.plan_image(session.host, sysroot, config)
     programs = sorted(e.path for e in plan.entries
-                      if e.kind in ("file", "link") and "/bin/" in e.path)
+                      if e.kind in ("file", "link")
+                      and os.path.basename(os.path.dirname(e.path)) in ("bin", "sbin"))
     print(f"image: {len(plan.entries)} entries, {len(plan.modules)} modules, "
           f"compression {plan.compression}")
     print("programs: " + " ".join(os.path.basename(p) for p in programs))
     if plan.missing:
-        print("not installed (left out): " + ", ".join(plan.missing))
+        print("left out of the image: " + ", ".join(plan.missing))
     if "run" in COMMANDS:
         from hshelper import runcmd
 

@@ -144,6 +144,7 @@ class Config:
 
     def __init__(self, keys: list[Key], layers: list[Layer]):
         self.keys = {k.dotted: k for k in keys}
+        self.layers = tuple(layers)
         self._values: dict[str, Any] = {}
         self._origins: dict[str, str] = {}
         for key in keys:
@@ -158,6 +159,10 @@ class Config:
                     raise HshelperError(f"{layer.origin}: unknown config key {dotted}{hint}")
                 self._values[dotted] = _coerce(key, raw, layer.origin)
                 self._origins[dotted] = layer.origin
+
+    def with_layer(self, layer: Layer) -> Config:
+        """A new Config with ``layer`` on top (for values a command derives itself)."""
+        return Config(list(self.keys.values()), [*self.layers, layer])
 
     def get(self, section: str, name: str) -> Any:
         return self._values[f"{section}.{name}"]

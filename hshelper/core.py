@@ -17,6 +17,9 @@ def hshelper_config_keys() -> list[Key]:
             "extra kernel-modules.lst files (same format) whose modules join the image"),
         Key("image", "modules", list, [], "extra kernel modules ('name' or 'name?')"),
         Key("image", "programs", list, [], "extra programs for the image (names or paths)"),
+        Key("image", "program_budget_kb", int, 1024,
+            "leave out an optional program whose own files and libraries weigh more "
+            "(KiB; 0: no limit); --with NAME always adds it"),
         Key("image", "compression", str, "auto",
             "initrd compression; auto: the fastest the kernel can unpack", COMPRESSIONS),
         Key("image", "cache_dir", str, "",

@@ -192,7 +192,8 @@ def _expand(path: str, origin: str, info: ElfInfo) -> str:
 
 
 def elf_closure(root: Path, start: Iterable[str],
-                search_dirs: Sequence[str] | None = None) -> Closure:
+                search_dirs: Sequence[str] | None = None,
+                cache: dict[str, ElfInfo | None] | None = None) -> Closure:
     """Every file ``start`` needs to run in ``root``: interpreters and libraries.
 
     Per object: PT_INTERP; each DT_NEEDED searched in its DT_RPATH (when it has no
@@ -201,8 +202,9 @@ def elf_closure(root: Path, start: Iterable[str],
     ld.so.conf and the default directories. Candidates of another ELF class or machine
     are skipped as ld.so skips them. Scripts contribute their ``#!`` interpreter.
     Returned paths are guest paths as looked up (the caller recreates the symlinks).
+    ``cache`` (parsed headers by resolved path) may be shared between calls on one root.
     """
-    cache: dict[str, ElfInfo | None] = {}
+    cache = {} if cache is None else cache
     conf_dirs = read_ld_so_conf(root) if search_dirs is None else list(search_dirs)
 
     def info_of(guest: str) -> ElfInfo | None:

@@ -171,7 +171,7 @@ def merge_contents(parts: list[Contents]) -> Contents:
             old = programs.get(prog.name)
             programs[prog.name] = prog if old is None else Program(
                 prog.name, old.required or prog.required, old.applet and prog.applet,
-                old.prefer_applet or prog.prefer_applet)
+                old.prefer_applet or prog.prefer_applet, old.essential or prog.essential)
     modules = list(dict.fromkeys(m for p in parts for m in p.modules))
     return Contents(
         modules=tuple(modules),
@@ -181,6 +181,59 @@ def merge_contents(parts: list[Contents]) -> Contents:
         devices=tuple(d for p in parts for d in p.devices),
         init_steps=tuple(s for p in parts for s in p.init_steps),
     )
+
+
+@dataclass(frozen=True)
+class ProgramChoice:
+    """The files the chosen programs need, and the optional programs left out (with
+    what they would have cost)."""
+
+    files: tuple[str, ...]
+    left_out: tuple[str, ...]
+
+
+def _guest_size(root: Path, guest: str) -> int:
+    try:
+        return rootpath.resolve(root, guest).host.stat().st_size
+    except (OSError, rootpath.RootPathError):
+        return 0
+
+
+def choose_programs(root: Path, must: list[str], optional: dict[str, str],
+                    budget: int) -> ProgramChoice:
+    """The ELF closure of ``must`` plus every ``optional`` program (name -> guest path)
+    whose own additions (its files and libraries beyond what ``must`` already needs)
+    weigh at most ``budget`` bytes; 0 means no limit.
+
+    Why a budget: a few programs drag in most of an image (sgdisk brings 3 MB of
+    libstdc++ and libm, bash and zstd about 1.4 MB each), while every byte is unpacked
+    at each boot. What is left out is named, with the ``--with`` that adds it.
+    """
+    cache: dict = {}
+    have = set(elf.elf_closure(root, sorted(set(must)), cache=cache).files)
+    kept, left_out = [], []
+    own = {name: set(elf.elf_closure(root, [path], cache=cache).files)
+           for name, path in optional.items()} if budget else {}
+
+    def cost(name: str) -> int:
+        return sum(_guest_size(root, f) for f in own[name] - have)
+
+    # Cheapest first, each judged by what it adds to what is already in: programs that
+    # share libraries (fdisk after sfdisk) then count only once.
+    for name in sorted(optional, key=lambda n: (cost(n), n) if budget else (0, n)):
+        if budget:
+            extra = cost(name)
+            if extra > budget:
+                left_out.append(f"{name} ({extra / 1e6:.1f} MB with its libraries, over "
+                                f"image.program_budget_kb; --with {name} adds it)")
+                continue
+            have |= own[name]
+        kept.append(optional[name])
+    closure = elf.elf_closure(root, sorted(set(must) | set(kept)), cache=cache)
+    if closure.missing:
+        needed, by = closure.missing[0]
+        raise HshelperError(f"shared library {needed} needed by {by} is not in the build root")
+    return ProgramChoice(closure.files, tuple(left_out))
 
 
 def choose_compression(wanted: str, kconfig: dict[str, str], available) -> str:
@@ -258,17 +311,21 @@ def plan_image(host, sysroot: Sysroot, config,
                                device.mode, "device", rdev=(device.major, device.minor)))
 
     # Programs: real ones go through the ELF closure; applets become links to busybox.
-    elf_start: list[str] = []
+    must: list[str] = []
+    optional: dict[str, str] = {}
     busybox = sysroot.busybox
     for prog in contents.programs:
         real = sysroot.which(prog.name)
         has_applet = bool(busybox) and prog.name in sysroot.applets
         if has_applet and prog.applet and (prog.prefer_applet or real is None):
-            elf_start.append(busybox)
+            must.append(busybox)
             name = prog.name if "/" in prog.name else f"/bin/{prog.name}"
             builder.link(sysroot_path_for_link(sysroot, name), busybox, "busybox applet")
         elif real is not None:
-            elf_start.append(real)
+            if prog.required or prog.essential:
+                must.append(real)
+            else:
+                optional[prog.name] = real
         elif prog.required:
             raise HshelperError(f"program {prog.name} is not installed in the build root "
                                 f"{sysroot.root}", hint="install the package that provides it")
@@ -279,12 +336,11 @@ def plan_image(host, sysroot: Sysroot, config,
             builder.generated(file.dest, file.data, file.mode, "generated")
         elif file.source is not None:
             builder.from_root(file.source, "file", dest=file.dest)
-            elf_start.append(file.source)
-    closure = elf.elf_closure(sysroot.root, sorted(set(elf_start)))
-    if closure.missing:
-        needed, by = closure.missing[0]
-        raise HshelperError(f"shared library {needed} needed by {by} is not in the build root")
-    for path in closure.files:
+            must.append(file.source)
+    choice = choose_programs(sysroot.root, must, optional,
+                             config.get("image", "program_budget_kb") * 1024)
+    missing += choice.left_out
+    for path in choice.files:
         builder.from_root(path, "program")
 
     # Kernel modules, resolved and ordered on the host.
@@ -351,7 +407,8 @@ def quick_key(sysroot: Sysroot, kernel: Kernel, contents: Contents, config) -> s
     root, the kernel file, the plugins' contributions and the image options."""
     kernel_host = sysroot.resolve(kernel.image).host
     material = [__version__, str(sysroot.root), repr(kernel), watch_stamp(str(kernel_host)),
-                repr(contents), config.get("image", "compression"), source_date_epoch(),
+                repr(contents), config.get("image", "compression"),
+                config.get("image", "program_budget_kb"), source_date_epoch(),
                 sorted(os.environ.get(k, "") for k in ("PATH",))]
     return hashlib.sha256(json.dumps(material, default=str).encode()).hexdigest()[:32]
 

@@ -19,12 +19,16 @@ class Program:
     real program is not (or ``prefer_applet`` is set: one busybox file is smaller than
     many programs and their libraries). ``applet=False`` insists on the real program;
     merged with other requests for the same name, it wins (``--with cp`` means GNU cp).
+    ``essential``: included whenever installed, whatever it weighs; other optional
+    programs are left out when their own files and libraries exceed
+    ``image.program_budget_kb`` (and reported, with the ``--with`` that adds them).
     """
 
     name: str
     required: bool = False
     applet: bool = True
     prefer_applet: bool = False
+    essential: bool = False
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from hshelper import guestrun, initrd, kernelimage
+from hshelper.config import Layer
 from hshelper.errors import HshelperError
 from hshelper.model import Accel, RunResult, RunSpec
 from hshelper.sysroot import Sysroot
@@ -94,17 +95,55 @@ def log_path(config) -> Path:
 
 def make_spec(args, config, shell: bool) -> RunSpec:
     argv = tuple(args.command[1:] if args.command[:1] == ["--"] else args.command) \
-        if not shell else ("sh",)
+        if not shell else ("sh", "-i")
     if not argv:
         raise HshelperError("no command given: helper-run CMD [ARGS...]", status=2)
     memory = config.get("run", "memory") or default_memory()
-    stdin = not shell and not args.no_stdin and not sys.stdin.isatty()
+    env = dict(os.environ)
+    if shell:
+        # The shell reads the terminal line by line (the host's tty stays in its own
+        # line mode: editing happens there, Ctrl-D ends the shell, Ctrl-C stops the VM).
+        stdin = True
+        env["PS1"] = "hshelper-vm# "
+    else:
+        stdin = not args.no_stdin and not sys.stdin.isatty()
     return RunSpec(
-        argv=argv, cwd=os.getcwd(), env=tuple(sorted(os.environ.items())),
+        argv=argv, cwd=os.getcwd(), env=tuple(sorted(env.items())),
         memory_mb=memory, cpus=config.get("run", "cpus"),
         timeout=config.get("run", "timeout") or None,
         accel=args.accel or "auto", stdin=stdin, verbose=args.verbose, interactive=shell,
         extra={"append": " ".join(args.append), "quiet": "1" if args.quiet else ""})
+
+
+# Shells are self-contained ELF programs, so a script's shell can join the image; an
+# interpreter with a library tree of its own (python3, perl) needs --mode root.
+SCRIPT_SHELLS = frozenset({"sh", "bash", "dash", "ash", "ksh", "mksh", "zsh"})
+
+
+def script_shell(cwd: str, command: str, search_path: str) -> str | None:
+    """The shell named by the ``#!`` line of ``command`` when it is a script in one of
+    SCRIPT_SHELLS other than sh (always in the image), else None. ``command`` is found
+    as the guest's init finds it: a path, a name on ``search_path``, or a file in cwd."""
+    candidates = [os.path.join(cwd, command)] if "/" in command else [
+        *(os.path.join(d, command) for d in search_path.split(":") if d),
+        os.path.join(cwd, command)]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            try:
+                with open(candidate, "rb") as fh:
+                    head = fh.read(256)
+            except OSError:
+                return None
+            break
+    else:
+        return None
+    words = head[2:].split(b"\n", 1)[0].decode(errors="replace").split() \
+        if head.startswith(b"#!") else []
+    if words and os.path.basename(words[0]) == "env":
+        words = words[1:]
+    if not words or os.path.basename(words[0]) not in SCRIPT_SHELLS - {"sh"}:
+        return None
+    return words[0] if words[0].startswith("/") else os.path.basename(words[0])
 
 
 def _signal_handlers(stop: threading.Event):
@@ -149,6 +188,12 @@ def main(session, args, config, shell: bool = False) -> int:
                for s in spec.shares):
         # Not shared (--no-share-cwd, or no share plugin): the guest starts in /.
         spec = dataclasses.replace(spec, cwd="/")
+    interpreter = script_shell(spec.cwd, spec.argv[0], os.environ.get("PATH", ""))
+    if interpreter and config.get("run", "mode") == "image" and not spec.interactive:
+        # `helper-run mkimage.sh` with `#!/bin/bash`: bash joins the image (a cached
+        # variant), although the program budget leaves it out by default.
+        config = config.with_layer(Layer(f"#! line of {spec.argv[0]}", {
+            "image.programs": [*config.get("image", "programs"), interpreter]}))
     image = initrd.build_image(host, sysroot, config)
     if "virtio_console" not in image.features:
         raise HshelperError(f"kernel {image.kernel_version} has no virtio_console module, "
@@ -185,6 +230,9 @@ def main(session, args, config, shell: bool = False) -> int:
         host.hook.hshelper_before_run(spec=spec, argv=vm.argv)
         if spec.verbose:
             print(f"hshelper: qemu: {shlex.join(vm.argv)}", file=sys.stderr, flush=True)
+        if spec.interactive and sys.stdin.isatty():
+            print("hshelper: a root shell in the helper VM; leave with exit or Ctrl-D "
+                  "(Ctrl-C stops the VM)", file=sys.stderr, flush=True)
         outcome = host.hook.hshelper_run_vm(spec=spec, vm=vm, stop=stop, timeout=spec.timeout)
     finally:
         for sig, old in old_handlers.items():

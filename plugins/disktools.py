@@ -4,7 +4,9 @@ sfdisk, sgdisk, parted, wipefs, blkid, partx, losetup's friends, mkfs for ext4, 
 xfs and btrfs, their fsck, tar and the like, plus the config files some of them read
 (/etc/mke2fs.conf), and the kernel modules of the filesystems whose mkfs is installed
 (xfs, btrfs: big modules nobody needs without their tools). Nothing here is required: a
-recipe that needs a missing tool gets exit 127 with the tool's name. No config keys.
+recipe that needs a missing tool gets exit 127 with the tool's name. The ESSENTIAL tools
+are in whenever installed; the others obey ``image.program_budget_kb`` (sgdisk's
+libstdc++ alone is 3 MB). No config keys.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ TOOLS = (
     "mkswap", "swaplabel", "findmnt", "lsblk", "tar", "cpio", "zstd", "xz", "bzip2",
     "rsync", "chroot", "unshare",
 )
+# The tools image recipes cannot do without: in the image whenever installed, whatever
+# they weigh (the others obey image.program_budget_kb).
+ESSENTIAL = frozenset({
+    "sfdisk", "wipefs", "blkid", "partx", "mkfs", "mke2fs", "mkfs.ext4", "e2fsck", "fsck",
+    "fsck.ext4", "mkfs.fat", "mkfs.vfat", "mkfs.xfs", "mkfs.btrfs", "tar",
+})
 CONFIG_FILES = ("/etc/mke2fs.conf", "/etc/mtools.conf")
 # Filesystem module -> the mkfs whose presence makes it worth its size.
 FS_MODULES = {"xfs": "mkfs.xfs", "btrfs": "mkfs.btrfs"}
@@ -30,5 +38,6 @@ FS_MODULES = {"xfs": "mkfs.xfs", "btrfs": "mkfs.btrfs"}
 def hshelper_image_contents(sysroot):
     files = tuple(File(path, source=path) for path in CONFIG_FILES if sysroot.exists(path))
     modules = tuple(f"{m}?" for m, tool in FS_MODULES.items() if sysroot.which(tool))
-    return Contents(programs=tuple(Program(t, applet=False) for t in TOOLS), files=files,
+    programs = tuple(Program(t, applet=False, essential=t in ESSENTIAL) for t in TOOLS)
+    return Contents(programs=programs, files=files,
                     modules=modules)

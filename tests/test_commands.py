@@ -1,0 +1,100 @@
+"""`hshelper shell`, `hshelper info`, the heartbeat, scripts' interpreters and the program
+budget: as the build user inside the bookworm build root, against real VMs (TCG)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import chroot
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.vm]
+
+
+@pytest.fixture
+def root(bookworm):
+    with chroot.proc_mounted(bookworm):
+        yield bookworm
+
+
+def script_in(root, work: str, name: str, text: str) -> None:
+    path = root / work.lstrip("/") / name
+    path.write_text(text)
+    path.chmod(0o755)
+    os.chown(path, chroot.BUILD_UID, chroot.BUILD_UID)
+
+
+def test_shell_runs_typed_commands_as_root_in_the_vm(root):
+    work = chroot.fresh_dir(root, "shell")
+    typed = b'echo "uid=$(id -u) cwd=$(pwd)"\necho made > by-shell.txt\nexit 3\n'
+    proc = chroot.run(root, ["hshelper", "shell"], cwd=work, input=typed)
+    assert proc.returncode == 3, proc.stderr.decode()
+    assert f"uid=0 cwd={work}\n".encode() in proc.stdout
+    made = root / work.lstrip("/") / "by-shell.txt"
+    assert made.read_text() == "made\n" and made.stat().st_uid == chroot.BUILD_UID
+
+
+def test_info_says_what_was_found(root):
+    proc = chroot.run(root, ["hshelper", "info"])
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = proc.stdout.decode()
+    assert "kernel: 6.1." in out and "/boot/vmlinuz-6.1." in out
+    assert "qemu: /usr/bin/qemu-system-x86_64" in out
+    accel = next(line for line in out.splitlines() if line.startswith("accelerator:"))
+    assert accel.startswith("accelerator: tcg (") and len(accel) > len("accelerator: tcg ()")
+    programs = next(line for line in out.splitlines() if line.startswith("programs:")).split()
+    assert {"sfdisk", "mkfs.ext4", "mkfs.vfat", "losetup", "mount"} <= set(programs)
+    assert "sgdisk (" in out and "--with sgdisk" in out  # left out, and how to add it
+
+
+def test_heartbeat_on_silence_and_quiet_turns_it_off(root):
+    argv = ["helper-run", "--set", "heartbeat.interval=1", "sh", "-c", "sleep 4; echo done"]
+    loud = chroot.run(root, argv)
+    assert loud.returncode == 0 and loud.stdout == b"done\n", loud.stderr.decode()
+    beats = [line for line in loud.stderr.decode().splitlines() if "still running" in line]
+    assert beats and beats[0].startswith("hshelper: sh still running (")
+    quiet = chroot.run(root, [*argv[:1], "-q", *argv[1:]])
+    assert quiet.returncode == 0 and quiet.stdout == b"done\n"
+    assert b"still running" not in quiet.stderr
+
+
+def test_a_bash_script_brings_bash_and_a_missing_interpreter_is_127(root):
+    work = chroot.fresh_dir(root, "interp")
+    script_in(root, work, "b.sh", '#!/bin/bash\n[[ -n "$BASH_VERSION" ]] && echo "in bash"\n')
+    script_in(root, work, "p.py", "#!/usr/bin/env python3\nprint('hi')\n")
+    proc = chroot.run(root, ["helper-run", "./b.sh"], cwd=work)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == b"in bash\n"
+    proc = chroot.run(root, ["helper-run", "p.py"], cwd=work)
+    assert proc.returncode == 127
+    err = proc.stderr.decode()
+    assert "needs python3" in err and "--mode root" in err
+
+
+def _manifest_paths(root, data: dict) -> set[str]:
+    manifest = root / data["manifest"].lstrip("/")
+    return {json.loads(line)["path"] for line in manifest.read_text().splitlines()}
+
+
+def test_program_budget_leaves_heavy_extras_out_and_with_adds_them(root):
+    cache = chroot.fresh_dir(root, "budget-cache")
+    env = {"XDG_CACHE_HOME": cache}
+
+    def build(*extra):
+        proc = chroot.run(root, ["hshelper", "build", "--json", *extra], env=env)
+        assert proc.returncode == 0, proc.stderr.decode()
+        data = json.loads(proc.stdout)
+        return data, _manifest_paths(root, data)
+
+    default, paths = build()
+    assert "/usr/sbin/sfdisk" in paths  # essential: in, whatever it weighs
+    assert "/usr/sbin/sgdisk" not in paths
+    assert not any("libstdc++" in p for p in paths)
+    assert any(m.startswith("sgdisk (") and "--with sgdisk" in m for m in default["missing"])
+    with_sgdisk, paths = build("--with", "sgdisk")
+    assert "/usr/sbin/sgdisk" in paths and any("libstdc++" in p for p in paths)
+    assert with_sgdisk["size"] > default["size"]
+    unlimited, paths = build("--set", "image.program_budget_kb=0")
+    assert {"/usr/sbin/sgdisk", "/usr/bin/bash", "/usr/bin/zstd"} <= paths
+    assert not any("--with" in m for m in unlimited["missing"])
