@@ -8,9 +8,12 @@ The mere presence of /dev/kvm proves nothing (a broken KVM hangs the guest forev
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import time
+from pathlib import Path
 
 from hshelper.config import Key
 from hshelper.errors import HshelperError
@@ -30,9 +33,7 @@ def boot_id() -> str | None:
         return None
 
 
-def cached_probe(qemu: str, timeout: float, cache_file) -> tuple[bool, str]:
-    """(usable, reason), from the cache when this boot already probed this qemu."""
-    ident = {"boot": boot_id(), "qemu": qemu, "kvm": _kvm_ident()}
+def _cached(cache_file: Path, ident: dict) -> tuple[bool, str] | None:
     try:
         saved = json.loads(cache_file.read_text())
         fresh = ident["boot"] is not None or time.time() - saved["time"] < UNKNOWN_BOOT_TTL
@@ -40,17 +41,46 @@ def cached_probe(qemu: str, timeout: float, cache_file) -> tuple[bool, str]:
             return saved["usable"], saved["reason"] + " (cached for this boot)"
     except (OSError, ValueError, KeyError):
         pass
-    from hshelper import accel as probe  # only a run that probes pays for the import
+    return None
 
-    result = probe.probe_kvm(qemu, timeout=timeout)
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"ident": ident, "time": time.time(),
-                                   "usable": result.usable, "reason": result.reason}))
-        os.replace(tmp, cache_file)
-    except OSError:
-        pass
+
+@contextlib.contextmanager
+def probe_lock(path: Path, bound: float):
+    """Hold ``path`` locked while probing, so that parallel runs (make -j, several
+    recipe steps at once) wait for one probe instead of each booting a probe guest.
+    Waits at most ``bound`` seconds: a stuck peer must not stop this run, which then
+    probes by itself."""
+    import tenacity  # only a run that probes pays for the import
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        take = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(BlockingIOError),
+            wait=tenacity.wait_fixed(0.05), stop=tenacity.stop_after_delay(bound),
+            reraise=True)
+        with contextlib.suppress(BlockingIOError):
+            take(fcntl.flock, fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+
+
+def cached_probe(qemu: str, timeout: float, cache_file: Path) -> tuple[bool, str]:
+    """(usable, reason), from the cache when this boot already probed this qemu."""
+    ident = {"boot": boot_id(), "qemu": qemu, "kvm": _kvm_ident()}
+    hit = _cached(cache_file, ident)
+    if hit is not None:
+        return hit
+    with probe_lock(cache_file.with_suffix(".lock"), timeout + 2):
+        hit = _cached(cache_file, ident)  # a peer probed while we waited
+        if hit is not None:
+            return hit
+        from hshelper import accel as probe
+
+        result = probe.probe_kvm(qemu, timeout=timeout)
+        with contextlib.suppress(OSError):
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"ident": ident, "time": time.time(),
+                                       "usable": result.usable, "reason": result.reason}))
+            os.replace(tmp, cache_file)
     return result.usable, result.reason
 
 

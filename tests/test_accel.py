@@ -3,11 +3,14 @@ missing KVM is reported as such (never trusted because /dev/kvm exists)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -75,3 +78,32 @@ def _check_unopenable(dev: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "not readable and writable by uid 65534" in out.stdout
     assert "kvm group" in out.stdout
+
+
+def _hold(path, seconds: float, ready: threading.Event) -> None:
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        ready.set()
+        time.sleep(seconds)
+
+
+@pytest.mark.parametrize("bound, held, waits", [(5.0, 0.6, True), (0.3, 3.0, False)])
+def test_probe_lock_waits_for_a_peer_within_its_bound(tmp_path, bound, held, waits):
+    """A parallel run waits for the peer's probe (then reads its answer); a peer that
+    holds the lock longer than the bound is not waited for."""
+    from hshelper.plugins.accel import probe_lock
+
+    lock = tmp_path / "probe" / "kvm.lock"
+    lock.parent.mkdir()
+    ready = threading.Event()
+    peer = threading.Thread(target=_hold, args=(lock, held, ready))
+    peer.start()
+    ready.wait(5)
+    start = time.monotonic()
+    with probe_lock(lock, bound):
+        waited = time.monotonic() - start
+    peer.join()
+    if waits:
+        assert held - 0.3 < waited < bound
+    else:
+        assert bound - 0.05 < waited < held
