@@ -9,7 +9,8 @@ Build (issue 2), in the cached "bookworm" test build root:
   size   the initrd, compressed as built (target: under 6 MB for base plus disk tools).
 Run (issue 3):
   ``helper-run true`` under TCG (boot, run, power off), against the VM floor: the same
-  kernel booted by qemu with a tiny initrd (busybox and an init that powers off).
+  kernel, as installed, booted by qemu with a tiny initrd (busybox and an init that
+  powers off); and against the PVH floor: hshelper's unpacked vmlinux booted the same way.
 
 Machines here are noisy, so rounds alternate candidate and baseline and the report gives
 medians and their ratios; absolute seconds are printed for reference only.
@@ -133,16 +134,26 @@ def bench_run(root: Path, rounds: int) -> dict:
                "true"]
         subprocess.run(run, check=True, env=env)  # warm the image and the PVH kernel
         kernels = list((work / "cache/hshelper/kernels").glob("*/vmlinux"))
-        kernel = str(kernels[0]) if kernels else str(next((root / "boot").glob("vmlinuz-*")))
+        installed = str(next((root / "boot").glob("vmlinuz-*")))
+        pvh = str(kernels[0]) if kernels else installed
         tiny_initrd(root, work / "tiny.cpio")
-        raw = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none",
-               "-machine", "pc,accel=tcg", "-cpu", "max", "-m", "512", "-smp", "1",
-               "-no-reboot", "-kernel", kernel, "-initrd", str(work / "tiny.cpio"),
-               "-append", "console=ttyS0 quiet panic=-1 rdinit=/init", "-serial", "null"]
+
+        def raw(kernel: str) -> list[str]:
+            return ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none",
+                    "-machine", "pc,accel=tcg", "-cpu", "max", "-m", "512", "-smp", "1",
+                    "-no-reboot", "-kernel", kernel, "-initrd", str(work / "tiny.cpio"),
+                    "-append", "console=ttyS0 quiet panic=-1 rdinit=/init", "-serial", "null"]
+
+        pvh_floor = []
         for _ in range(rounds):
             ours.append(timed(run, env=env))
-            floor.append(timed(raw))
-    return {"run_true_s": statistics.median(ours), "vm_floor_s": statistics.median(floor)}
+            floor.append(timed(raw(installed)))
+            pvh_floor.append(timed(raw(pvh)))
+    # The floor: the kernel as the package installs it, booted raw with a tiny initrd. The
+    # PVH floor boots hshelper's own unpacked vmlinux the same way: what is left of our
+    # overhead once the kernel's self-decompression is taken out of both.
+    return {"run_true_s": statistics.median(ours), "vm_floor_s": statistics.median(floor),
+            "vm_floor_pvh_s": statistics.median(pvh_floor)}
 
 
 def main() -> int:
@@ -161,9 +172,11 @@ def main() -> int:
           f"hshelper ({r['import_s']:.3f} s); target < {TARGETS['warm_s']} s")
     print(f"initrd size  {results['size_mb']:.1f} MB; target < {TARGETS['size_mb']} MB")
     if "run_true_s" in results:
-        print(f"helper-run true  {results['run_true_s']:.2f} s = "
-              f"{results['run_true_s'] / results['vm_floor_s']:.2f}x the VM floor "
-              f"({results['vm_floor_s']:.2f} s, same kernel, tiny initrd)")
+        print(f"helper-run true  {r['run_true_s']:.2f} s = "
+              f"{r['run_true_s'] / r['vm_floor_s']:.2f}x the VM floor "
+              f"({r['vm_floor_s']:.2f} s: the installed kernel, tiny initrd; target <= 1.0x), "
+              f"{r['run_true_s'] / r['vm_floor_pvh_s']:.2f}x the PVH floor "
+              f"({r['vm_floor_pvh_s']:.2f} s: the same kernel unpacked, tiny initrd)")
     print(json.dumps(results))
     return 0
 
