@@ -65,6 +65,13 @@ RECIPES: dict[str, Recipe] = {
     # hasher's view of the world, made from bookworm: /dev holds only null, zero and
     # urandom (and /proc is mounted only when asked for).
     "hasher-like": Recipe((), derive="bookworm"),
+    # Not a build root: the system the image recipes (recipes/, issue 5) turn into a
+    # bootable disk. The cloud kernel boots fastest under TCG; initramfs-tools makes the
+    # initrd; the recipes install the bootloaders from it: systemd-boot's EFI binary,
+    # GRUB's monolithic EFI image (removable path), extlinux and its MBR code (BIOS).
+    "target-bookworm": Recipe(("linux-image-cloud-amd64", "initramfs-tools",
+                               "systemd-boot-efi", "grub-efi-amd64-bin", "extlinux",
+                               "syslinux-common")),
 }
 
 

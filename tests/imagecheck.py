@@ -1,0 +1,157 @@
+"""Checking the disk images the recipes make, from the host, with real tools only.
+
+``sfdisk --json`` for the layout, ``fsck -n`` on each filesystem, debugfs and mtools to
+read files without mounting, ``blkid -p`` for the filesystems' UUIDs, and qemu with
+OVMF (UEFI) or SeaBIOS (legacy BIOS) to boot the image to a marker the booted system
+prints. Shared by tests/test_recipes.py, scripts/demo.py and bench/bench_mkimage.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
+MARKER = "HSHELPER-MARKER"
+# The booted image's init (init=/usr/local/sbin/marker): prove the root, the fstab and
+# the ESP, then power off. A full systemd boot would take minutes under TCG.
+MARKER_INIT = f"""#!/bin/sh
+mount -t proc proc /proc 2>/dev/null
+mount -t sysfs sysfs /sys 2>/dev/null
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+echo "{MARKER} root $(awk '$2 == "/" {{print $1, $3}}' /proc/mounts)"
+echo "{MARKER} cmdline $(cat /proc/cmdline)"
+if grep -q /boot/efi /etc/fstab && mount /boot/efi; then
+    echo "{MARKER} esp $(ls /boot/efi/EFI/BOOT)"
+    umount /boot/efi
+fi
+echo "{MARKER} done"
+echo o >/proc/sysrq-trigger
+sleep 30
+"""
+MARKER_PATH = "usr/local/sbin/marker"
+
+
+@dataclass(frozen=True)
+class Partition:
+    node: str
+    start: int  # in 512-byte sectors
+    size: int
+    type: str
+    uuid: str = ""
+    name: str = ""
+    bootable: bool = False
+
+
+@dataclass(frozen=True)
+class Layout:
+    label: str  # "gpt" or "dos"
+    label_id: str
+    partitions: tuple[Partition, ...]
+
+
+def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, **kwargs)
+
+
+def sfdisk_dump(image: Path) -> str:
+    return run(["sfdisk", "-d", str(image)], check=True).stdout
+
+
+def layout(image: Path) -> Layout:
+    table = json.loads(run(["sfdisk", "--json", str(image)], check=True).stdout)["partitiontable"]
+    parts = tuple(Partition(p["node"], p["start"], p["size"], p["type"], p.get("uuid", ""),
+                            p.get("name", ""), bool(p.get("bootable")))
+                  for p in table["partitions"])
+    return Layout(table["label"], table.get("id", ""), parts)
+
+
+def extract(image: Path, part: Partition, dest: Path) -> Path:
+    """Copy one partition out of the image (sparse), for the fsck and file readers."""
+    run(["dd", f"if={image}", f"of={dest}", "bs=512", f"skip={part.start}",
+         f"count={part.size}", "conv=sparse", "status=none"], check=True)
+    return dest
+
+
+def fsck(part: Path, fstype: str) -> subprocess.CompletedProcess:
+    argv = {"vfat": ["fsck.vfat", "-n"], "ext4": ["e2fsck", "-fn"],
+            "xfs": ["xfs_repair", "-n"], "btrfs": ["btrfs", "check", "--readonly"]}[fstype]
+    return run([*argv, str(part)])
+
+
+def probe(part: Path) -> dict[str, str]:
+    """blkid -p: the filesystem's TYPE, UUID, LABEL as written on it."""
+    out = run(["blkid", "-p", "-o", "export", str(part)]).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def ext_cat(part: Path, path: str) -> str:
+    return run(["debugfs", "-R", f"cat {path}", str(part)]).stdout
+
+
+def ext_exists(part: Path, path: str) -> bool:
+    proc = run(["debugfs", "-R", f"stat {path}", str(part)])
+    return "Inode:" in proc.stdout
+
+
+def fat_cat(part: Path, path: str) -> str:
+    return run(["mtype", "-i", str(part), f"::{path}"]).stdout
+
+
+def fat_ls(part: Path, path: str) -> list[str]:
+    proc = run(["mdir", "-b", "-i", str(part), f"::{path}"])
+    return sorted(line.rstrip("/").rsplit("/", 1)[-1] for line in proc.stdout.splitlines()
+                  if line.strip())
+
+
+def target_tarball(source_root: Path, dest: Path) -> Path:
+    """The target root as a plain tarball (numeric owners), with the marker init."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    run(["tar", "--numeric-owner", "--xattrs", "--exclude=./.hshelper-root-done",
+         "-C", str(source_root), "-cf", str(tmp), "."], check=True)
+    with tempfile.TemporaryDirectory() as extra:
+        marker = Path(extra) / MARKER_PATH
+        marker.parent.mkdir(parents=True)
+        marker.write_text(MARKER_INIT)
+        marker.chmod(0o755)
+        run(["tar", "--numeric-owner", "--owner=0", "--group=0", "-rf", str(tmp),
+             "-C", extra, f"./{MARKER_PATH}"], check=True)
+    os.rename(tmp, dest)
+    return dest
+
+
+def boot(image: Path, firmware: str, log: Path, timeout: float = 600,
+         fmt: str = "raw") -> str:
+    """Boot ``image`` under TCG with UEFI (OVMF) or legacy BIOS (SeaBIOS); return the
+    serial console's text once the guest powered off (or the timeout passed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = ["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "512",
+                "-display", "none", "-no-reboot", "-serial", f"file:{log}",
+                "-drive", f"file={image},format={fmt},if=virtio,snapshot=on"]
+        if firmware == "uefi":
+            vars_copy = Path(tmp) / "vars.fd"
+            shutil.copy(OVMF_VARS, vars_copy)
+            argv += ["-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+                     "-drive", f"if=pflash,format=raw,file={vars_copy}"]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    return log.read_text(errors="replace")
+
+
+def marker_lines(console: str) -> list[str]:
+    return [line[line.index(MARKER):].strip() for line in console.splitlines()
+            if MARKER in line and "echo" not in line]

@@ -1,0 +1,137 @@
+"""The image recipes (recipes/*.sh) end to end: a Debian root made by mmdebstrap goes
+through ``helper-run recipes/mkimage.sh`` as the build user in a build root; the image
+is checked on the host with sfdisk, fsck, debugfs, mtools and blkid, then booted under
+TCG (OVMF for UEFI, SeaBIOS for MBR) until the marker init prints on the console."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import buildroots
+import chroot
+import imagecheck
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.vm]
+
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+ROOT_X86_64_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
+MARKER_APPEND = "init=/usr/local/sbin/marker"
+SRC_DIR = "/home/builder/recipe-src"
+
+
+@pytest.fixture
+def root(bookworm):
+    with chroot.proc_mounted(bookworm):
+        yield bookworm
+
+
+@pytest.fixture(scope="session")
+def target_tar(bookworm) -> str:
+    """The target Debian root (kernel, initrd, bootloaders) as a tarball the build user
+    can read, inside the build root; returns its path there."""
+    target = buildroots.ensure_root("target-bookworm")
+    host_dir = bookworm / SRC_DIR.lstrip("/")
+    host_dir.mkdir(parents=True, exist_ok=True)
+    os.chown(host_dir, chroot.BUILD_UID, chroot.BUILD_UID)
+    tar = imagecheck.target_tarball(target, host_dir / "root.tar")
+    os.chown(tar, chroot.BUILD_UID, chroot.BUILD_UID)
+    return f"{SRC_DIR}/root.tar"
+
+
+def workdir(root: Path, name: str) -> tuple[str, Path]:
+    """A fresh directory for the build user with the recipes copied in, as a packager's
+    source tree would have them."""
+    guest = chroot.fresh_dir(root, name)
+    host = root / guest.lstrip("/")
+    shutil.copytree(chroot.SRC / "recipes", host / "recipes",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    for path in [host / "recipes", *(host / "recipes").iterdir()]:
+        os.chown(path, chroot.BUILD_UID, chroot.BUILD_UID)
+    return guest, host
+
+
+def helper_run(root, *argv, cwd, timeout=1200, **kwargs):
+    return chroot.run(root, ["helper-run", *argv], cwd=cwd, timeout=timeout, **kwargs)
+
+
+def leftovers(host: Path) -> list[str]:
+    return sorted(p.name for p in host.iterdir() if p.name != "recipes")
+
+
+def check_esp_and_root(image: Path, tmp: Path, fstype: str = "ext4") -> dict:
+    """The GPT layout and both filesystems, checked on the host; returns what was found."""
+    lay = imagecheck.layout(image)
+    assert lay.label == "gpt"
+    esp, rootp = lay.partitions
+    assert esp.type == ESP_TYPE and esp.name == "esp"
+    assert rootp.type == ROOT_X86_64_TYPE and rootp.name == "root"
+    esp_img = imagecheck.extract(image, esp, tmp / "esp.img")
+    root_img = imagecheck.extract(image, rootp, tmp / "root.img")
+    for part, kind in ((esp_img, "vfat"), (root_img, fstype)):
+        proc = imagecheck.fsck(part, kind)
+        assert proc.returncode == 0, (kind, proc.stdout, proc.stderr)
+    esp_fs, root_fs = imagecheck.probe(esp_img), imagecheck.probe(root_img)
+    assert esp_fs["TYPE"] == "vfat" and esp_fs.get("VERSION") == "FAT32"
+    assert root_fs["TYPE"] == fstype
+    fstab = imagecheck.ext_cat(root_img, "/etc/fstab")
+    assert f"UUID={root_fs['UUID']} / {fstype} " in fstab
+    assert f"UUID={esp_fs['UUID']} /boot/efi vfat " in fstab
+    assert imagecheck.ext_exists(root_img, "/usr/bin/dpkg")
+    assert imagecheck.ext_exists(root_img, "/" + imagecheck.MARKER_PATH)
+    assert "BOOTX64.EFI" in imagecheck.fat_ls(esp_img, "/EFI/BOOT")
+    return {"esp": esp_img, "root": root_img, "layout": lay, "root_fs": root_fs}
+
+
+def check_boot(image: Path, firmware: str, log: Path, partuuid: str) -> list[str]:
+    console = imagecheck.boot(image, firmware, log)
+    lines = imagecheck.marker_lines(console)
+    assert any(line.endswith("done") for line in lines), console[-3000:]
+    cmdline = next(line for line in lines if " cmdline " in line)
+    assert f"root=PARTUUID={partuuid}" in cmdline
+    assert any(" root /dev/vda" in line for line in lines), lines
+    return lines
+
+
+def test_gpt_systemd_boot_image_boots_with_uefi(root, target_tar, tmp_path):
+    guest, host = workdir(root, "mkimage-gpt")
+    proc = helper_run(root, "--disk", f"{target_tar},ro,name=src",
+                      "--disk", "disk.img.part,size=1G,name=out",
+                      "recipes/mkimage.sh", "--append", MARKER_APPEND,
+                      "/dev/disk/hshelper/src", "disk.img", cwd=guest)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert leftovers(host) == ["disk.img"]
+    image = host / "disk.img"
+    assert image.stat().st_uid == chroot.BUILD_UID
+    assert image.stat().st_size == 2**30
+    found = check_esp_and_root(image, tmp_path)
+    rootp = found["layout"].partitions[1]
+    entry = imagecheck.fat_cat(found["esp"], "/loader/entries/linux.conf")
+    assert f"root=PARTUUID={rootp.uuid.lower()}" in entry
+    kernels = imagecheck.fat_ls(found["esp"], "/")
+    version = next(k for k in kernels if k[0].isdigit())
+    assert imagecheck.fat_ls(found["esp"], f"/{version}") == ["initrd", "linux"]
+    lines = check_boot(image, "uefi", tmp_path / "console.log", rootp.uuid.lower())
+    assert any(line.endswith("esp BOOTX64.EFI") for line in lines), lines
+
+
+def test_bad_root_fails_cleanly(root, tmp_path):
+    guest, host = workdir(root, "mkimage-bad")
+    proc = helper_run(root, "--disk", "disk.img.part,size=64M,name=out",
+                      "recipes/mkimage.sh", "no-such-root.tar", "disk.img", cwd=guest)
+    assert proc.returncode == 1
+    err = proc.stderr.decode().strip().splitlines()
+    assert "no-such-root.tar does not exist" in err[0]
+    assert leftovers(host) == []  # neither disk.img nor disk.img.part
+
+
+def test_help_documents_the_options():
+    proc = subprocess.run(["sh", str(chroot.SRC / "recipes/mkimage.sh"), "--help"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0
+    for option in ("--table", "--fs", "--bootloader", "--append", "--qcow2", "--sha256",
+                   "--esp-size", "--device", "--kernel"):
+        assert option in proc.stdout
