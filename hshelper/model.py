@@ -139,7 +139,11 @@ class Accel:
 
 @dataclass(frozen=True)
 class RunResult:
-    """What a run produced (hook ``hshelper_after_run``)."""
+    """What a run produced (hook ``hshelper_after_run``).
+
+    ``skipped``: the command never ran (``--skip-without-kvm`` without a working KVM);
+    ``status`` is then 0 and ``reason`` says why.
+    """
 
     status: int
     reason: str  # "" when the command's own status; else why hshelper chose ``status``
@@ -148,3 +152,4 @@ class RunResult:
     boot_seconds: float | None
     console_log: Path | None
     artifacts: tuple[Path, ...] = ()
+    skipped: bool = False

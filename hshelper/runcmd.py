@@ -42,9 +42,10 @@ LOG_KEEP = 10
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("--memory", "--mem", type=int, metavar="MIB",
+    # --mem and --cpu (vm-run's spellings, with sizes and "max") belong to plugin vmrun.
+    parser.add_argument("--memory", type=int, metavar="MIB",
                         help="guest memory in MiB (default: 512, less under a low RLIMIT_AS)")
-    parser.add_argument("--cpus", "--cpu", type=int, metavar="N", help="guest CPUs")
+    parser.add_argument("--cpus", type=int, metavar="N", help="guest CPUs")
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help="stop the command after this long (exit 124)")
     parser.add_argument("--accel", choices=("auto", "kvm", "tcg"),
@@ -96,6 +97,9 @@ def log_path(config) -> Path:
 def make_spec(args, config, shell: bool) -> RunSpec:
     argv = tuple(args.command[1:] if args.command[:1] == ["--"] else args.command) \
         if not shell else ("sh", "-i")
+    if not argv:
+        # A plugin's option may imply the command (vm-run's --heredoc: sh reads stdin).
+        argv = tuple(getattr(args, "implied_command", None) or ())
     if not argv:
         raise HshelperError("no command given: helper-run CMD [ARGS...]", status=2)
     memory = config.get("run", "memory") or default_memory()
@@ -177,6 +181,9 @@ def main(session, args, config, shell: bool = False) -> int:
     if args.skip_without_kvm and accel.name != "kvm":
         print(f"hshelper: warning: skipping {' '.join(spec.argv)}: no working KVM "
               f"({accel.reason})", file=sys.stderr)
+        host.hook.hshelper_after_run(spec=spec, result=RunResult(
+            status=0, reason=f"skipped: no working KVM ({accel.reason})", accel=accel,
+            seconds=0.0, boot_seconds=None, console_log=None, skipped=True))
         return 0
     if accel.name == "tcg" and spec.accel == "auto" and args.verbose:
         print(f"hshelper: using TCG: {accel.reason}", file=sys.stderr)
