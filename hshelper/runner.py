@@ -41,8 +41,10 @@ def run(argv: list[str], data: bytes | None = None, hint: str | None = None,
     except sh.CommandNotFound as exc:
         raise HshelperError(f"{argv[0]}: command not found", hint=hint) from exc
     try:
+        # _tty_out=False: sh gives the program a pty by default, and a build root
+        # (hasher, an sbuild chroot) has no /dev/pts: "out of pty devices".
         cmd(*argv[1:], _in=data if data is not None else b"", _out=out, _err=err,
-            _env=clean_env(env))
+            _env=clean_env(env), _tty_out=False)
     except sh.SignalException as exc:
         raise HshelperError(f"{argv[0]} was killed by a signal", hint=hint) from exc
     except sh.ErrorReturnCode as exc:
