@@ -135,3 +135,51 @@ def test_help_documents_the_options():
     for option in ("--table", "--fs", "--bootloader", "--append", "--qcow2", "--sha256",
                    "--esp-size", "--device", "--kernel"):
         assert option in proc.stdout
+
+
+def test_mbr_extlinux_image_boots_with_bios(root, target_tar, tmp_path):
+    guest, host = workdir(root, "mkimage-mbr")
+    proc = helper_run(root, "--disk", f"{target_tar},ro,name=src",
+                      "--disk", "disk.img.part,size=1G,name=out",
+                      "recipes/mkimage-mbr.sh", "--append", MARKER_APPEND,
+                      "/dev/disk/hshelper/src", "disk.img", cwd=guest)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert leftovers(host) == ["disk.img"]
+    image = host / "disk.img"
+    lay = imagecheck.layout(image)
+    assert lay.label == "dos" and len(lay.partitions) == 1
+    (rootp,) = lay.partitions
+    assert rootp.type == "83" and rootp.bootable
+    root_img = imagecheck.extract(image, rootp, tmp_path / "root.img")
+    fsck = imagecheck.fsck(root_img, "ext4")
+    assert fsck.returncode == 0, fsck.stdout
+    root_fs = imagecheck.probe(root_img)
+    assert f"UUID={root_fs['UUID']} / ext4 " in imagecheck.ext_cat(root_img, "/etc/fstab")
+    partuuid = f"{lay.label_id.removeprefix('0x')}-01"
+    conf = imagecheck.ext_cat(root_img, "/boot/extlinux/extlinux.conf")
+    assert f"root=PARTUUID={partuuid}" in conf
+    assert imagecheck.ext_exists(root_img, "/boot/extlinux/ldlinux.sys")
+    # syslinux's MBR code in the first sector (a blank MBR has zeros there).
+    assert image.read_bytes()[:440].strip(b"\0")
+    check_boot(image, "bios", tmp_path / "console.log", partuuid)
+
+
+def test_loop_recipe_grub_image_boots_with_uefi(root, target_tar, tmp_path):
+    """The loop-device style (truncate + losetup -fP on a file in the share), with
+    GRUB's EFI image at the removable path instead of systemd-boot."""
+    guest, host = workdir(root, "mkimage-loop")
+    proc = helper_run(root, "--disk", f"{target_tar},ro,name=src",
+                      "recipes/mkimage-loop.sh", "--size", "1G", "--bootloader", "grub",
+                      "--append", MARKER_APPEND, "/dev/disk/hshelper/src", "disk.img",
+                      cwd=guest)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert b"/dev/loop" in proc.stderr
+    assert leftovers(host) == ["disk.img"]
+    image = host / "disk.img"
+    found = check_esp_and_root(image, tmp_path)
+    rootp = found["layout"].partitions[1]
+    grub_cfg = imagecheck.fat_cat(found["esp"], "/EFI/BOOT/grub.cfg")
+    assert f"--set=root {found['root_fs']['UUID']}" in grub_cfg
+    assert f"root=PARTUUID={rootp.uuid.lower()}" in grub_cfg
+    lines = check_boot(image, "uefi", tmp_path / "console.log", rootp.uuid.lower())
+    assert any(line.endswith("esp BOOTX64.EFI") for line in lines), lines
