@@ -50,11 +50,15 @@ def hshelper_image_contents(config):
     # util-linux mount where installed: busybox's cannot detect a filesystem's type, and
     # `mount /dev/vda2 /mnt` is what recipes write.
     programs = [Program(p, required=p in ("sh", "mount", "insmod", "env"),
-                        prefer_applet=p not in REAL_PROGRAMS) for p in INIT_PROGRAMS]
+                        prefer_applet=p not in REAL_PROGRAMS, essential=True)
+                for p in INIT_PROGRAMS]
     # Busybox's applets for the everyday utilities keep the image small (GNU coreutils,
     # grep, sed, findutils weigh 5 MB with their libraries); roots without busybox get
     # the real ones, and --with NAME / image.programs insists on the real program.
-    programs += [Program(p, prefer_applet=p not in REAL_PROGRAMS) for p in UTILITIES]
+    # Everyday utilities are essential (a root without busybox pays for awk's libm);
+    # bash is not: 1.3 MB, and a script's #! line brings it when it is needed.
+    programs += [Program(p, prefer_applet=p not in REAL_PROGRAMS, essential=p != "bash")
+                 for p in UTILITIES]
     programs += [Program(p, required=True, applet=False) for p in config.get("image", "programs")]
     return Contents(
         modules=base_modules(config),
