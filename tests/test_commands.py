@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import time
 
 import chroot
 import pytest
@@ -98,3 +101,40 @@ def test_program_budget_leaves_heavy_extras_out_and_with_adds_them(root):
     unlimited, paths = build("--set", "image.program_budget_kb=0")
     assert {"/usr/sbin/sgdisk", "/usr/bin/bash", "/usr/bin/zstd"} <= paths
     assert not any("--with" in m for m in unlimited["missing"])
+
+
+def test_extra_shares_read_only_and_writable(root):
+    work = chroot.fresh_dir(root, "shares")
+    src = chroot.fresh_dir(root, "shares-src")
+    out = chroot.fresh_dir(root, "shares-out")
+    (root / src.lstrip("/") / "input.txt").write_text("from the host\n")
+    script = ("cat /input/input.txt; "
+              "if touch /input/new 2>/dev/null; then echo ro-written; else echo ro-refused; fi; "
+              f"echo made > {out}/result.txt")
+    proc = chroot.run(root, ["helper-run", "--share", f"{src}:/input:ro", "--share", out,
+                             "sh", "-c", script], cwd=work)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == b"from the host\nro-refused\n"
+    assert not (root / src.lstrip("/") / "new").exists()
+    result = root / out.lstrip("/") / "result.txt"
+    assert result.read_text() == "made\n" and result.stat().st_uid == chroot.BUILD_UID
+    bad = chroot.run(root, ["helper-run", "--share", "/no/such/dir", "true"], cwd=work)
+    assert bad.returncode == 2 and b"is not a directory" in bad.stderr
+
+
+def test_sigint_is_130_and_leaves_no_qemu(root):
+    from test_run import qemu_pids
+
+    argv = ["chroot", f"--userspec={chroot.BUILD_UID}:{chroot.BUILD_UID}", str(root),
+            "/usr/bin/env", "-i", f"HOME={chroot.HOME}", "PATH=/usr/local/bin:/usr/bin:/bin",
+            "helper-run", "sh", "-c", "echo started; sleep 100"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+    assert proc.stdout.readline() == b"started\n"
+    pids = qemu_pids(root)
+    assert pids, "qemu should be running now"
+    os.kill(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    deadline = time.monotonic() + 10
+    while pids & qemu_pids(root) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not pids & qemu_pids(root)
