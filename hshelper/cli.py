@@ -21,7 +21,7 @@ from hshelper.pluginhost import PluginHost
 from hshelper.sysroot import Sysroot
 
 log = logging.getLogger("hshelper")
-COMMANDS = ("build", "run", "shell", "info", "plugins", "config", "clean")
+COMMANDS = ("build", "run", "shell", "info", "plugins", "config", "clean", "recipes")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -210,6 +210,16 @@ def cmd_config(session: Session, args, config) -> int:
     return 0
 
 
+def cmd_recipes(session: Session, args, config) -> int:
+    from hshelper import recipes
+
+    for recipe in recipes.available().values():
+        print(f"{recipe.name:14} {recipe.path}")
+        print(f"{'':14} {recipe.summary}")
+    print("run one: helper-run --recipe NAME ARGS (helper-run --recipe NAME --help)")
+    return 0
+
+
 def cmd_clean(session: Session, args, config) -> int:
     import shutil
 
@@ -235,7 +245,8 @@ def _run_command(command: str, argv: list[str]) -> int:
 
             return runcmd.main(session, args, config, shell=command == "shell")
         handler = {"build": cmd_build, "info": cmd_info, "plugins": cmd_plugins,
-                   "config": cmd_config, "clean": cmd_clean}[command]
+                   "config": cmd_config, "clean": cmd_clean,
+                   "recipes": cmd_recipes}[command]
         return handler(session, args, config)
     except HshelperError as exc:
         print(f"hshelper: {exc}", file=sys.stderr)
@@ -265,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
               "  info     what was found: kernel, modules, accelerator, qemu, programs\n"
               "  plugins  the loaded plugins, where they came from, their hooks\n"
               "  config   the effective configuration and where each value came from\n"
-              "  clean    remove the image cache")
+              "  clean    remove the image cache\n"
+              "  recipes  the image recipes shipped with hshelper and where they are")
         return 0 if argv else 2
     if argv[0] == "--version":
         print(f"hshelper {__version__}")

@@ -1,8 +1,9 @@
 #!/bin/sh
-# mkimage-loop.sh: the same image as mkimage.sh, built the way many existing image
-# scripts work: a file made with truncate, a loop device with partition scanning on it,
-# and the partitions as /dev/loopNpM. No attached disk is needed: the file is written
-# in the shared working directory.
+# mkimage-loop.sh: mkimage.sh's image, built on a file through a loop device.
+#
+# The way many existing image scripts work: a file made with truncate, a loop device
+# with partition scanning on it, and the partitions as /dev/loopNpM. No attached disk
+# is needed: the file is written in the shared working directory.
 set -eu
 
 prog=mkimage-loop.sh

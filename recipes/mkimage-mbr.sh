@@ -1,7 +1,8 @@
 #!/bin/sh
-# mkimage-mbr.sh: the classic MBR layout for legacy BIOS machines and boards: one
-# bootable root partition, extlinux installed from the root filesystem. A thin front
-# for mkimage.sh --table mbr, which does the work.
+# mkimage-mbr.sh: a bootable disk image with the classic MBR layout (BIOS, boards).
+#
+# One bootable root partition, extlinux installed from the root filesystem. A thin
+# front for mkimage.sh --table mbr, which does the work.
 set -eu
 
 case ${1:-} in

@@ -183,3 +183,66 @@ def test_loop_recipe_grub_image_boots_with_uefi(root, target_tar, tmp_path):
     assert f"root=PARTUUID={rootp.uuid.lower()}" in grub_cfg
     lines = check_boot(image, "uefi", tmp_path / "console.log", rootp.uuid.lower())
     assert any(line.endswith("esp BOOTX64.EFI") for line in lines), lines
+
+
+def test_hshelper_recipes_lists_the_installed_recipes(root):
+    proc = chroot.run(root, ["hshelper", "recipes"])
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.decode()
+    for name in ("mkimage", "mkimage-mbr", "mkimage-loop"):
+        path = f"/opt/hshelper/hshelper/recipes/{name}.sh"
+        assert path in out
+        assert (root / path.lstrip("/")).is_file()
+
+
+def test_recipe_by_name_help_and_unknown_name(root):
+    guest = chroot.fresh_dir(root, "recipe-help")
+    proc = helper_run(root, "--recipe", "mkimage-loop", "--help", cwd=guest)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert b"usage: mkimage-loop.sh" in proc.stdout and b"--size" in proc.stdout
+    bad = helper_run(root, "--recipe", "no-such-recipe", "x", cwd=guest)
+    assert bad.returncode == 2
+    assert bad.stderr.decode().count("\n") == 1 and b"mkimage" in bad.stderr
+
+
+def test_recipe_by_name_from_a_directory_with_qcow2_and_sha256(root, tmp_path):
+    """--recipe delivers the installed recipe; ROOT a directory over the 9p share;
+    --qcow2 (qemu-img added with --with) and --sha256 written only at the end."""
+    guest = chroot.fresh_dir(root, "recipe-dir")
+    host = root / guest.lstrip("/")
+    tree = host / "tree"
+    for rel, text in (("etc/hostname", "tiny\n"), ("usr/share/hello/README", "hi\n")):
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text(text)
+    subprocess.run(["chown", "-R", f"{chroot.BUILD_UID}:{chroot.BUILD_UID}", str(tree)],
+                   check=True)
+    proc = helper_run(root, "--with", "qemu-img",
+                      "--disk", "small.img.part,size=128M,name=out",
+                      "--recipe", "mkimage", "--esp-size", "40MiB", "--bootloader", "none",
+                      "--qcow2", "small.qcow2", "--sha256", "tree", "small.img", cwd=guest)
+    assert proc.returncode == 0, proc.stderr.decode()
+    names = sorted(p.name for p in host.iterdir() if p.name != "tree")
+    assert names == ["small.img", "small.img.sha256", "small.qcow2", "small.qcow2.sha256"]
+    for name in ("small.img", "small.qcow2"):
+        check = subprocess.run(["sha256sum", "-c", f"{name}.sha256"], cwd=host,
+                               capture_output=True, text=True)
+        assert check.returncode == 0 and check.stdout == f"{name}: OK\n"
+    info = subprocess.run(["qemu-img", "info", "--output=json", str(host / "small.qcow2")],
+                          capture_output=True, text=True, check=True).stdout
+    assert '"format": "qcow2"' in info
+    same = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2",
+                           str(host / "small.img"), str(host / "small.qcow2")])
+    assert same.returncode == 0
+    found = check_layout_only(host / "small.img", tmp_path)
+    assert imagecheck.ext_cat(found, "/usr/share/hello/README") == "hi\n"
+    assert "/boot/efi vfat" in imagecheck.ext_cat(found, "/etc/fstab")
+
+
+def check_layout_only(image: Path, tmp: Path) -> Path:
+    lay = imagecheck.layout(image)
+    assert lay.label == "gpt" and [p.name for p in lay.partitions] == ["esp", "root"]
+    esp = imagecheck.extract(image, lay.partitions[0], tmp / "esp.img")
+    root_img = imagecheck.extract(image, lay.partitions[1], tmp / "root.img")
+    assert imagecheck.fsck(esp, "vfat").returncode == 0
+    assert imagecheck.fsck(root_img, "ext4").returncode == 0
+    return root_img

@@ -1,0 +1,69 @@
+"""``helper-run --recipe NAME ARGS``: run a recipe shipped with hshelper.
+
+The recipes (``hshelper.recipes``: mkimage, mkimage-mbr, mkimage-loop) are POSIX sh
+scripts installed with the package. With ``--recipe``, CMD is a recipe's name: the
+recipe files travel in the run's own archive (they are small) to /hshelper/recipes in
+the guest, so they are there without any share and without changing the cached image;
+in ``--mode root`` the build root is the guest's /, and the installed files are used.
+No config keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from hshelper import recipes
+from hshelper.errors import HshelperError
+from hshelper.guestrun import quote
+from hshelper.hookspecs import hookimpl
+
+GUEST_DIR = "/hshelper/recipes"
+EOF_WORD = "HSHELPER_RECIPE_EOF"
+
+
+def resolve(name: str, root_mode: bool) -> str:
+    """The guest path of recipe ``name`` (a name only, never a path)."""
+    found = recipes.available()
+    if name not in found:
+        raise HshelperError(f"--recipe: no recipe named {name!r} (there are: "
+                            f"{', '.join(found) or 'none'}; hshelper recipes lists them)",
+                            status=2)
+    return str(found[name].path) if root_mode else f"{GUEST_DIR}/{name}.sh"
+
+
+def install_code(scripts: dict[str, str]) -> str:
+    """Shell code that writes the scripts to GUEST_DIR (quoted here-documents)."""
+    lines = [f"mkdir -p {GUEST_DIR}"]
+    for file_name, text in scripts.items():
+        if EOF_WORD in text:
+            raise HshelperError(f"recipe {file_name} contains {EOF_WORD}, which ends the "
+                                "here-document that carries it")
+        target = quote(f"{GUEST_DIR}/{file_name}")
+        lines.append(f"cat >{target} <<'{EOF_WORD}'\n{text.rstrip()}\n{EOF_WORD}")
+        lines.append(f"chmod 755 {target}")
+    return "\n".join(lines)
+
+
+@hookimpl
+def hshelper_add_arguments(parser, command):
+    if command == "run":
+        parser.add_argument("--recipe", action="store_true",
+                            help="CMD names a recipe shipped with hshelper (hshelper "
+                                 "recipes lists them): helper-run --recipe mkimage --help")
+
+
+@hookimpl
+def hshelper_run_spec(spec, config, args):
+    if not getattr(args, "recipe", False):
+        return None
+    root_mode = config.get("run", "mode") == "root"
+    path = resolve(spec.argv[0], root_mode)
+    return dataclasses.replace(spec, argv=(path, *spec.argv[1:]),
+                               extra={**spec.extra, "recipe": spec.argv[0]})
+
+
+@hookimpl
+def hshelper_guest_setup(spec):
+    if "recipe" not in spec.extra or spec.extra.get("mode") == "root":
+        return []
+    return [("recipes", install_code(recipes.scripts()))]
