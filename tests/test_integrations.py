@@ -1,0 +1,314 @@
+"""The build-system integrations in integrations/.
+
+mock: the plugin is driven by stand-ins that follow mock's documented plugin API
+(``requires_api_version``, ``init(plugins, conf, buildroot)``, ``plugins.add_hook``,
+hooks called by stage name, ``postbuild`` called after failed builds too, the
+``*_opts`` dicts with mock's injected keys) — mock itself is not installed here. The
+command the plugin issues runs for real: helper-run, in a real build root, as the build
+user, booting a real VM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import chroot
+import pytest
+
+SRC = Path(__file__).resolve().parent.parent
+MOCK_PLUGIN_DIR = SRC / "integrations/mock"
+BUILDER = chroot.BUILD_UID
+RESULT_OWNER = 4242  # mock's caller: not the build user, not root
+
+
+# ------------------------------------------------------------------ mock API stand-ins
+
+
+class StandInMockError(Exception):
+    """Stand-in for mockbuild.exception.Error (what a failed doChroot raises)."""
+
+
+class MockPluginsStandIn:
+    """Stand-in for mockbuild.plugin.Plugins: plugins listed in config['plugins'] and
+    enabled by plugin_conf['<name>_enable'] are loaded from plugin_dir, must declare
+    requires_api_version "1.1", and get init(plugins, plugin_conf['<name>_opts'],
+    buildroot) with mock's keys (resultdir, root, ...) added to every *_opts dict;
+    add_hook(stage, fn) registers, call_hooks(stage) calls in order."""
+
+    API = "1.1"
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.hooks: dict[str, list] = {}
+
+    def init_plugins(self, buildroot) -> None:
+        for key, conf in self.config["plugin_conf"].items():
+            if key.endswith("_opts"):
+                conf.update(basedir="/var/lib/mock", root="standin", resultdir=buildroot.resultdir,
+                            cachedir="/var/cache/mock/standin", cache_topdir="/var/cache/mock")
+        for name in self.config["plugins"]:
+            if not self.config["plugin_conf"].get(f"{name}_enable"):
+                continue
+            path = Path(self.config["plugin_dir"]) / f"{name}.py"
+            spec = importlib.util.spec_from_file_location(f"standin_mock_{name}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            if getattr(module, "requires_api_version", None) != self.API:
+                raise StandInMockError(f"plugin {name}: API version mismatch")
+            module.init(self, self.config["plugin_conf"][f"{name}_opts"], buildroot)
+
+    def add_hook(self, stage, function):
+        if function not in self.hooks.setdefault(stage, []):
+            self.hooks[stage].append(function)
+
+    def call_hooks(self, stage, *args, **kwargs):
+        for hook in self.hooks.get(stage, []):
+            hook(*args, **kwargs)
+
+
+@dataclass
+class BindMountPointStandIn:
+    """Stand-in for mockbuild.mounts.BindMountPoint(srcpath, bindpath)."""
+
+    srcpath: str
+    bindpath: str
+
+
+@dataclass
+class MockMountsStandIn:
+    """Stand-in for buildroot.mounts: add_user_mount records what mock would mount."""
+
+    user_mounts: list = field(default_factory=list)
+
+    def add_user_mount(self, mount):
+        self.user_mounts.append(mount)
+
+
+@dataclass
+class MockStateStandIn:
+    result: str | None = None  # mock's backend sets "success" or "fail" before postbuild
+
+
+class MockBuildrootStandIn:
+    """Stand-in for mockbuild.buildroot.Buildroot, the parts plugins use: config, state,
+    resultdir, homedir, builddir, chrootuid/gid/user, env, mounts, make_chroot_path and
+    doChroot — the last runs the command for real in ``rootdir`` as uid:gid (chroot(8),
+    as mock's simple isolation does)."""
+
+    def __init__(self, rootdir: Path, resultdir: Path, config: dict):
+        self.rootdir = rootdir
+        self.resultdir = str(resultdir)
+        self.config = config
+        self.state = MockStateStandIn()
+        self.mounts = MockMountsStandIn()
+        self.homedir = "/builddir"
+        self.builddir = "/builddir/build"
+        self.chrootuid = self.chrootgid = BUILDER
+        self.chrootuser = "mockbuild"
+        self.env = {"HOME": "/builddir", "PATH": "/usr/local/bin:/usr/bin:/bin",
+                    "LANG": "C.UTF-8", "SHELL": "/bin/bash", "TERM": "vt100"}
+        self.calls: list[dict] = []
+
+    def make_chroot_path(self, *paths: str) -> str:
+        return os.path.join(str(self.rootdir), *[p.lstrip("/") for p in paths])
+
+    def doChroot(self, command, shell=True, returnOutput=False, printOutput=False,
+                 raiseExc=True, uid=None, gid=None, user=None, cwd=None, env=None,
+                 nspawn_args=None, **kwargs):
+        self.calls.append({"command": command, "uid": uid, "gid": gid, "cwd": cwd,
+                           "env": env, "nspawn_args": nspawn_args})
+        argv = ["/bin/sh", "-c", command] if shell else list(command)
+        env_words = [f"{k}={v}" for k, v in (env or self.env).items()]
+        proc = subprocess.run(
+            ["chroot", f"--userspec={uid or 0}:{gid or 0}", str(self.rootdir),
+             "/usr/bin/env", "-i", *env_words, "/bin/sh", "-c", 'cd "$0" && exec "$@"',
+             cwd or "/", *argv], capture_output=True, timeout=600)
+        self.last = proc
+        if proc.returncode and raiseExc:
+            raise StandInMockError(f"command failed: {proc.returncode}: {proc.stderr[-400:]}")
+        return proc.stdout.decode() if returnOutput else None
+
+
+def mock_config(opts: dict, isolation: str = "simple") -> dict:
+    return {"plugins": ["bind_mount", "hshelper"], "plugin_dir": str(MOCK_PLUGIN_DIR),
+            "isolation": isolation, "nspawn_args": [],
+            "plugin_conf": {"bind_mount_enable": False, "bind_mount_opts": {"dirs": []},
+                            "hshelper_enable": True, "hshelper_opts": opts}}
+
+
+@pytest.fixture
+def mockbuild_mounts(monkeypatch):
+    """mockbuild.mounts as the plugin imports it inside mock (only when binding kvm)."""
+    package = types.ModuleType("mockbuild")
+    mounts = types.ModuleType("mockbuild.mounts")
+    mounts.BindMountPoint = BindMountPointStandIn
+    monkeypatch.setitem(sys.modules, "mockbuild", package)
+    monkeypatch.setitem(sys.modules, "mockbuild.mounts", mounts)
+
+
+def load_plugin():
+    spec = importlib.util.spec_from_file_location("hshelper_mock_plugin",
+                                                  MOCK_PLUGIN_DIR / "hshelper.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------ mock: no VM
+
+
+def test_mock_plugin_imports_without_mock():
+    path = str(MOCK_PLUGIN_DIR / "hshelper.py")
+    code = ("import importlib.util, sys\n"
+            f"s = importlib.util.spec_from_file_location('hshelper', {path!r})\n"
+            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m)\n"
+            "assert m.requires_api_version == '1.1' and callable(m.init)\n"
+            "assert not [n for n in sys.modules if n.startswith('mockbuild')]\n"
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True)
+    assert proc.stdout == "ok\n", proc.stderr
+
+
+def test_mock_kvm_setup_per_isolation():
+    plugin = load_plugin()
+    assert plugin.kvm_setup("simple", True) == (True, [])
+    assert plugin.kvm_setup("nspawn", True) == (True, plugin.NSPAWN_KVM_ARGS)
+    assert plugin.kvm_setup("auto", False) == (False, [])
+    assert plugin.step_argv("helper-run true") == ["/bin/sh", "-c", "helper-run true"]
+    assert plugin.step_argv(["helper-run", "true"]) == ["helper-run", "true"]
+
+
+@pytest.mark.parametrize("isolation", ["simple", "nspawn"])
+def test_mock_init_gives_the_chroot_dev_kvm(tmp_path, mockbuild_mounts, isolation):
+    config = mock_config({"command": "helper-run true"}, isolation)
+    buildroot = MockBuildrootStandIn(tmp_path / "root", tmp_path, config)
+    plugins = MockPluginsStandIn(config)
+    plugins.init_plugins(buildroot)
+    assert "postbuild" in plugins.hooks
+    if not os.path.exists("/dev/kvm"):
+        assert buildroot.mounts.user_mounts == [] and config["nspawn_args"] == []
+        return
+    [mount] = buildroot.mounts.user_mounts
+    assert mount == BindMountPointStandIn("/dev/kvm", str(tmp_path / "root/dev/kvm"))
+    plugins.call_hooks("postinit")
+    assert (tmp_path / "root/dev/kvm").exists()  # the mount point
+    expected = [] if isolation == "simple" else ["--bind=/dev/kvm",
+                                                 "--property=DeviceAllow=/dev/kvm rw"]
+    assert config["nspawn_args"] == expected
+
+
+def test_mock_plugin_without_a_command_does_nothing(tmp_path, mockbuild_mounts):
+    config = mock_config({})
+    plugins = MockPluginsStandIn(config)
+    plugins.init_plugins(MockBuildrootStandIn(tmp_path, tmp_path, config))
+    assert plugins.hooks == {}
+
+
+def test_mock_collect_never_follows_symlinks(tmp_path):
+    plugin = load_plugin()
+    work, result = tmp_path / "work", tmp_path / "result"
+    work.mkdir()
+    result.mkdir()
+    (work / "disk.img").write_bytes(b"img")
+    (work / "leak").symlink_to("/etc/hostname")
+    copied = plugin.collect(str(work), ["*"], str(result), (os.getuid(), os.getgid()))
+    assert copied == ["disk.img"] and sorted(os.listdir(result)) == ["disk.img"]
+
+
+# ------------------------------------------------------------------ mock: real runs
+
+
+@pytest.fixture
+def mock_root(bookworm):
+    """The bookworm root as mock prepares one: /proc mounted, /builddir owned by the
+    build user, a built RPM in /builddir/build/RPMS."""
+    home = bookworm / "builddir"
+    (home / "build/RPMS/x86_64").mkdir(parents=True, exist_ok=True)
+    for path in (home, home / "build"):
+        os.chown(path, BUILDER, BUILDER)
+    (home / "build/RPMS/x86_64/demo-1.0-1.x86_64.rpm").write_bytes(b"built by the test")
+    try:
+        with chroot.proc_mounted(bookworm):
+            yield bookworm
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def resultdir(tmp_path):
+    result = tmp_path / "result"
+    result.mkdir()
+    os.chown(result, RESULT_OWNER, RESULT_OWNER)
+    return result
+
+
+STEP = ("helper-run --disk disk.img,size=64M,name=out sh -c "
+        "'mkfs.ext4 -q -L mockimg $HSHELPER_DISK_OUT && id -u > guest-uid.txt && "
+        "echo \"$HSHELPER_RPMS\" > rpms.txt'")
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+def test_mock_postbuild_runs_the_step_as_the_build_user(mock_root, resultdir,
+                                                        mockbuild_mounts):
+    config = mock_config({"command": STEP, "artifacts": ["disk.img", "*.txt"]})
+    buildroot = MockBuildrootStandIn(mock_root, resultdir, config)
+    plugins = MockPluginsStandIn(config)
+    plugins.init_plugins(buildroot)
+    buildroot.state.result = "success"
+    plugins.call_hooks("postbuild")
+    assert buildroot.last.returncode == 0, buildroot.last.stderr.decode()
+    [call] = buildroot.calls
+    assert (call["uid"], call["gid"], call["cwd"]) == (BUILDER, BUILDER, "/builddir/hshelper")
+    names = sorted(os.listdir(resultdir))
+    assert names == ["disk.img", "guest-uid.txt", "hshelper-report.json", "rpms.txt"]
+    assert (resultdir / "guest-uid.txt").read_text() == "0\n"  # root in the VM
+    assert (resultdir / "rpms.txt").read_text() == \
+        "/builddir/build/RPMS/x86_64/demo-1.0-1.x86_64.rpm\n"
+    for name in names:
+        assert (resultdir / name).stat().st_uid == RESULT_OWNER
+    workdir = mock_root / "builddir/hshelper"
+    assert (workdir / "disk.img").stat().st_uid == BUILDER  # made by the build user
+    disk = (resultdir / "disk.img").read_bytes()
+    assert disk[1024 + 56:1024 + 58] == b"\x53\xef"  # ext4 superblock magic
+    report = json.loads((resultdir / "hshelper-report.json").read_text())
+    assert report["status"] == 0
+    [art] = report["artifacts"]
+    assert art["path"] == "disk.img" and art["sha256"] == hashlib.sha256(disk).hexdigest()
+
+
+@pytest.mark.slow
+def test_mock_postbuild_after_a_failed_build_runs_nothing(mock_root, resultdir,
+                                                          mockbuild_mounts):
+    config = mock_config({"command": STEP})
+    buildroot = MockBuildrootStandIn(mock_root, resultdir, config)
+    plugins = MockPluginsStandIn(config)
+    plugins.init_plugins(buildroot)
+    buildroot.state.result = "fail"
+    plugins.call_hooks("postbuild")
+    assert buildroot.calls == [] and os.listdir(resultdir) == []
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+def test_mock_failing_step_fails_the_hook_and_keeps_its_report(mock_root, resultdir,
+                                                               mockbuild_mounts):
+    config = mock_config({"command": ["helper-run", "sh", "-c", "echo partial > p.txt; exit 3"]})
+    buildroot = MockBuildrootStandIn(mock_root, resultdir, config)
+    plugins = MockPluginsStandIn(config)
+    plugins.init_plugins(buildroot)
+    buildroot.state.result = "success"
+    with pytest.raises(StandInMockError):
+        plugins.call_hooks("postbuild")
+    assert buildroot.last.returncode == 3
+    assert (resultdir / "p.txt").read_text() == "partial\n"
+    assert json.loads((resultdir / "hshelper-report.json").read_text())["status"] == 3
