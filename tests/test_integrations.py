@@ -21,6 +21,7 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import buildroots
 import chroot
 import pytest
 
@@ -312,3 +313,121 @@ def test_mock_failing_step_fails_the_hook_and_keeps_its_report(mock_root, result
     assert buildroot.last.returncode == 3
     assert (resultdir / "p.txt").read_text() == "partial\n"
     assert json.loads((resultdir / "hshelper-report.json").read_text())["status"] == 3
+
+
+# ------------------------------------------------------------------ RPM spec (hasher, Fedora)
+
+SPEC = SRC / "packaging/hshelper.spec"
+TREE = ["hshelper", "plugins", "recipes", "integrations", "packaging", "docs", "README.md",
+        "pyproject.toml"]
+
+
+def rpm_query(path: Path, *what: str) -> list[str]:
+    out = subprocess.run(["rpm", "-qp", *what, str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    return out.splitlines()
+
+
+@pytest.mark.parametrize("vendor", ["", "alt"])
+def test_rpm_spec_builds_with_rpmbuild(tmp_path, vendor):
+    if not shutil.which("rpmbuild"):
+        pytest.skip("rpmbuild is not installed (Debian package rpm)")
+    (tmp_path / "SOURCES").mkdir()
+    subprocess.run(["tar", "-C", str(SRC), "--transform", "s,^,hshelper-0.1.0/,",
+                    "--exclude=__pycache__", "-czf",
+                    str(tmp_path / "SOURCES/hshelper-0.1.0.tar.gz"), *TREE], check=True)
+    defines = ["--define", f"_topdir {tmp_path}"] + (
+        ["--define", f"_vendor {vendor}"] if vendor else [])
+    parsed = subprocess.run(["rpmspec", "-P", *defines, str(SPEC)], capture_output=True,
+                            text=True)
+    assert parsed.returncode == 0 and "Name: hshelper" in parsed.stdout, parsed.stderr
+    # --nodeps: Debian's rpm has no database of the build requirements.
+    build = subprocess.run(["rpmbuild", "-ba", "--nodeps", *defines, str(SPEC)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    rpms = {p.name.split("-0.1.0")[0]: p for p in (tmp_path / "RPMS").rglob("*.rpm")}
+    assert sorted(rpms) == ["hshelper", "hshelper-mock", "hshelper-run"]
+    assert list((tmp_path / "SRPMS").glob("hshelper-0.1.0-1.src.rpm"))
+    files = rpm_query(rpms["hshelper"], "-l")
+    assert "/usr/bin/helper-run" in files
+    assert any(f.endswith("/hshelper/plugins/vmrun.py") for f in files)
+    assert any(f.endswith("/integrations/common/hshelper-after-build") for f in files)
+    assert any(f.endswith("/mockbuild/plugins/hshelper.py")
+               for f in rpm_query(rpms["hshelper-mock"], "-l"))
+    requires = rpm_query(rpms["hshelper-run"], "--requires")
+    assert "/proc" in requires and "qemu-system-x86-core" in requires
+    if vendor == "alt":  # hasher mounts /dev/kvm when a package requires it
+        assert "/dev/kvm" in requires and "kernel" in requires
+        assert "/usr/lib/rpm/hshelper-kernel.filetrigger" in rpm_query(rpms["hshelper-run"],
+                                                                       "-l")
+    else:
+        assert "/dev/kvm" not in requires and "kernel-core" in requires
+        triggers = "\n".join(rpm_query(rpms["hshelper-run"], "--filetriggers"))
+        assert "/lib/modules" in triggers and "hshelper-kernel.filetrigger" in triggers
+
+
+@pytest.mark.slow
+def test_kernel_file_trigger_makes_modules_readable_and_runs_depmod(bookworm, tmp_path):
+    """The trigger script for real, on a module tree and kernel made unreadable (as ALT
+    installs them) and without modules.dep. It runs in the build root (its sh and depmod)
+    in a private mount namespace where /lib/modules and /boot are scratch trees, so
+    nothing shared changes."""
+    version = sorted(p.name for p in (bookworm / "lib/modules").iterdir())[0]
+    fake = "0.0.0-hshelper-trigger-test"
+    tree = tmp_path / "modules" / fake
+    (tree / "kernel/fs").mkdir(parents=True)
+    shutil.copytree(bookworm / "lib/modules" / version / "kernel/fs/isofs",
+                    tree / "kernel/fs/isofs")
+    (tmp_path / "boot").mkdir()
+    vmlinuz = tmp_path / "boot" / f"vmlinuz-{fake}"
+    shutil.copy(bookworm / "boot" / f"vmlinuz-{version}", vmlinuz)
+    module = next((tree / "kernel/fs/isofs").iterdir())
+    for path in (module, vmlinuz):
+        path.chmod(0o600)
+    (tree / "kernel").chmod(0o700)
+    trigger = SRC / "integrations/hasher/hshelper-kernel.filetrigger"
+    paths = [f"/boot/vmlinuz-{fake}", f"/lib/modules/{fake}/kernel/fs/isofs/{module.name}"]
+    shutil.copy(trigger, tmp_path / "modules/.trigger")
+    # The build root's own sh and depmod, with scratch trees over its /lib/modules, /boot.
+    script = (f"mount --bind {tmp_path}/modules {bookworm}/lib/modules && "
+              f"mount --bind {tmp_path}/boot {bookworm}/boot && "
+              f"exec chroot {bookworm} /bin/sh /lib/modules/.trigger")
+    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                          input="\n".join(paths) + "\n", capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert module.stat().st_mode & 0o444 == 0o444
+    assert vmlinuz.stat().st_mode & 0o444 == 0o444
+    assert (tree / "kernel").stat().st_mode & 0o555 == 0o555
+    assert f"kernel/fs/isofs/{module.name}:" in (tree / "modules.dep").read_text()
+
+
+# ------------------------------------------------------------------ sbuild (Debian)
+
+SBUILD_USER = "hshbuild"  # unprivileged, with subuid/subgid ranges (unshare mode)
+SBUILD_PACKAGES = ("linux-image-amd64", "busybox", *buildroots.HSHELPER_DEPS,
+                   *buildroots.DISK_TOOLS, *buildroots.QEMU)
+
+
+def sbuild_tarball() -> Path:
+    """An sbuild unshare chroot (mmdebstrap, buildd variant) with hshelper's
+    dependencies, a kernel, qemu and the disk tools; cached in the test-roots cache,
+    named by a hash of how it is made, so only the first run pays."""
+    recipe = ["bookworm", "buildd", sorted(SBUILD_PACKAGES), buildroots.MIRROR, 1]
+    key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]
+    target = buildroots.CACHE / f"sbuild-bookworm-{key}.tar"
+    if target.exists():
+        return target
+    with buildroots._locked(buildroots.CACHE / ".sbuild-bookworm.lock"):
+        if not target.exists():
+            tmp = target.with_suffix(".tmp")
+            subprocess.run(
+                ["mmdebstrap", "--quiet", "--variant=buildd", "--format=tar",
+                 "--skip=output/dev", "--include=" + ",".join(SBUILD_PACKAGES),
+                 "--dpkgopt=path-exclude=/usr/share/doc/*",
+                 "--dpkgopt=path-exclude=/usr/share/man/*",
+                 "--dpkgopt=path-exclude=/usr/share/locale/*",
+                 "bookworm", str(tmp), buildroots.MIRROR,
+                 f"deb {buildroots.SECURITY} bookworm-security main"], check=True)
+            tmp.chmod(0o644)
+            os.rename(tmp, target)
+    return target
