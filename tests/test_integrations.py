@@ -431,3 +431,169 @@ def sbuild_tarball() -> Path:
             tmp.chmod(0o644)
             os.rename(tmp, target)
     return target
+
+
+DEMO_FILES = {
+    "debian/control": (
+        "Source: hsh-demo\nSection: misc\nPriority: optional\nMaintainer: Test <t@localhost>\n"
+        "Standards-Version: 4.6.2\nRules-Requires-Root: no\n\n"
+        "Package: hsh-demo\nArchitecture: all\nDescription: hshelper sbuild test\n"
+        " A file, put on a disk image after the build.\n"),
+    "debian/changelog": (
+        "hsh-demo (1.0) unstable; urgency=medium\n\n  * Test.\n\n"
+        " -- Test <t@localhost>  Thu, 26 Nov 2026 00:00:00 +0000\n"),
+    "debian/source/format": "3.0 (native)\n",
+    # No debhelper: the chroot needs nothing beyond build-essential (no network).
+    "debian/rules": (
+        "#!/usr/bin/make -f\n"
+        "build build-arch build-indep binary-arch:\n"
+        "binary binary-indep:\n"
+        "\tinstall -d debian/tmp/DEBIAN debian/tmp/usr/share/hsh-demo\n"
+        "\techo 'made by sbuild' > debian/tmp/usr/share/hsh-demo/hello\n"
+        "\tdpkg-gencontrol -phsh-demo -Pdebian/tmp\n"
+        "\tdpkg-deb --root-owner-group --build debian/tmp ..\n"
+        "clean:\n\trm -rf debian/tmp debian/files\n"),
+}
+# The image step (runs as the build user; helper-run makes it root in the VM): a GPT disk
+# with an ext4 partition holding the contents of the package sbuild just built.
+DEMO_STEP = """#!/bin/sh
+set -e
+dev=$HSHELPER_DISK_OUT
+printf 'label: gpt\\n,,L\\n' | sfdisk -q "$dev"
+mkfs.ext4 -q -L hshdemo "${dev}1"
+mkdir -p /tmp/r && mount "${dev}1" /tmp/r
+for deb in $HSHELPER_PACKAGES; do dpkg-deb -x "$deb" /tmp/r; done
+umount /tmp/r
+"""
+
+
+def sbuild_workspace(tarball: Path) -> Path:
+    """A directory the unprivileged sbuild user owns: the source package, a staging tree
+    with this checkout's hshelper (copied into the chroot by a chroot-setup command), the
+    output directory bound into the chroot, and the sbuild config."""
+    ws = Path(subprocess.run(["mktemp", "-d", "/var/tmp/hshelper-sbuild-test.XXXXXX"],
+                             capture_output=True, text=True, check=True).stdout.strip())
+    src = ws / "hsh-demo-1.0"
+    for name, text in DEMO_FILES.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(text)
+    (src / "debian/rules").chmod(0o755)
+    stage = ws / "stage"
+    (stage / "opt").mkdir(parents=True)
+    chroot.install(stage)
+    shutil.copytree(SRC / "integrations", stage / "usr/share/hshelper/integrations",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (stage / "usr/local/bin/hsh-demo-image").write_text(DEMO_STEP)
+    (stage / "usr/local/bin/hsh-demo-image").chmod(0o755)
+    (ws / "out").mkdir()
+    (ws / "build").mkdir()
+    (ws / "sbuildrc").write_text(
+        f"$unshare_bind_mounts = [\n"
+        f"  {{ directory => '/dev', mountpoint => '/run/hshelper-host-dev' }},\n"
+        f"  {{ directory => '{ws}/out', mountpoint => '/hshelper-out' }},\n"
+        f"  {{ directory => '{stage}', mountpoint => '/hshelper-stage' }},\n];\n1;\n")
+    subprocess.run(["chown", "-R", f"{SBUILD_USER}:{SBUILD_USER}", str(ws)], check=True)
+    return ws
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+def test_sbuild_unshare_finished_build_makes_a_disk_image():
+    """A real sbuild run (unshare mode, chroot tarball made by mmdebstrap) of a tiny
+    package; its finished-build command runs helper-run as the build user, which puts
+    the built package's files on a partitioned disk image that lands on the host."""
+    for tool in ("sbuild", "mmdebstrap", "newuidmap"):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} is not installed (packages sbuild, mmdebstrap, uidmap)")
+    if subprocess.run(["id", SBUILD_USER], capture_output=True).returncode:
+        pytest.skip(f"no user {SBUILD_USER} with /etc/subuid and /etc/subgid ranges")
+    tarball = sbuild_tarball()
+    ws = sbuild_workspace(tarball)
+    try:
+        as_user = ["runuser", "-u", SBUILD_USER, "--", "env", f"HOME=/home/{SBUILD_USER}",
+                   f"SBUILD_CONFIG={ws}/sbuildrc"]
+        dsc = subprocess.run([*as_user, "sh", "-c", f"cd {ws} && dpkg-source -b hsh-demo-1.0"],
+                             capture_output=True, text=True)
+        assert dsc.returncode == 0, dsc.stderr
+        step = ("/usr/share/hshelper/integrations/common/hshelper-after-build --out "
+                "/hshelper-out --artifacts '*.img' %SBUILD_BUILD_DIR -- helper-run --mode root "
+                "--disk demo.img,size=64M,name=out hsh-demo-image")
+        proc = subprocess.run(
+            [*as_user, "sh", "-c", f'cd {ws}/build && exec "$@"', "sbuild",
+             "sbuild", "--chroot-mode=unshare", f"--chroot={tarball}", "--dist=bookworm",
+             "--arch-all", "--no-source", "--no-run-lintian", "--no-run-piuparts",
+             "--no-run-autopkgtest", "--no-apt-update", "--no-apt-upgrade",
+             "--no-apt-distupgrade", "--chroot-setup-commands=cp -a /hshelper-stage/. /",
+             "--chroot-setup-commands=/usr/share/hshelper/integrations/sbuild/"
+             "hshelper-chroot-setup", f"--finished-build-commands={step}",
+             f"{ws}/hsh-demo_1.0.dsc"], capture_output=True, text=True, timeout=1200)
+        log = proc.stdout[-6000:] + proc.stderr[-2000:]
+        assert proc.returncode == 0, log
+        assert list((ws / "build").glob("hsh-demo_1.0_all.deb")), log
+        image = ws / "out/demo.img"
+        assert image.stat().st_uid == pwd_uid(SBUILD_USER), log
+        report = json.loads((ws / "out/hshelper-report.json").read_text())
+        assert report["status"] == 0 and report["cwd"].endswith("/hshelper")
+        [art] = report["artifacts"]
+        assert art["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+        dump = subprocess.run(["sfdisk", "-d", str(image)], capture_output=True, text=True,
+                              check=True).stdout
+        assert "label: gpt" in dump
+        start = int(dump.split("start=")[1].split(",")[0])
+        size = int(dump.split("size=")[1].split(",")[0])
+        part = ws / "part.ext4"
+        subprocess.run(["dd", f"if={image}", f"of={part}", "bs=512", f"skip={start}",
+                        f"count={size}", "status=none"], check=True)
+        hello = subprocess.run(["debugfs", "-R", "cat /usr/share/hsh-demo/hello", str(part)],
+                               capture_output=True, text=True).stdout
+        assert hello == "made by sbuild\n"
+    finally:
+        shutil.rmtree(ws, ignore_errors=True)
+
+
+def pwd_uid(name: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(name).pw_uid
+
+
+# ------------------------------------------------------------------ release example
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+def test_release_script_builds_a_matrix_with_sha256sums(bookworm):
+    """integrations/release/build-images in the build root as the build user: 2
+    filesystems x raw/qcow2, each checked against its report, SHA256SUMS verifiable."""
+    work = chroot.fresh_dir(bookworm, "release")
+    host = bookworm / work.lstrip("/")
+    shutil.copy(SRC / "integrations/release/build-images", host / "build-images")
+    with chroot.proc_mounted(bookworm):
+        proc = chroot.run(bookworm, ["python3", "build-images", "--out", "rel",
+                                     "--stamp", "v1.2.3"], cwd=work, timeout=900)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    rel = host / "rel"
+    names = ["demo-ext4.img", "demo-ext4.qcow2", "demo-vfat.img", "demo-vfat.qcow2"]
+    sums = (rel / "SHA256SUMS").read_text().splitlines()
+    assert [line.split("  ")[1] for line in sums] == names
+    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=rel, capture_output=True)
+    assert check.returncode == 0, check.stdout
+    release = json.loads((rel / "release.json").read_text())
+    assert [i["name"] for i in release["images"]] == names
+    for name in names:
+        report = json.loads((rel / "reports" / f"{name}.json").read_text())
+        assert report["status"] == 0
+        data = (rel / name).read_bytes()
+        assert data[:4] == b"QFI\xfb" if name.endswith("qcow2") else data[512:520] == b"EFI PART"
+    raw = rel / "demo-ext4.img"
+    dump = subprocess.run(["sfdisk", "-d", str(raw)], capture_output=True, text=True,
+                          check=True).stdout
+    start = int(dump.split("start=")[1].split(",")[0])
+    part = rel / "p1"
+    subprocess.run(["dd", f"if={raw}", f"of={part}", "bs=512", f"skip={start}", "status=none"],
+                   check=True)
+    stamp = subprocess.run(["debugfs", "-R", "cat /release.txt", str(part)],
+                           capture_output=True, text=True).stdout
+    assert stamp == "v1.2.3\n"
+    bad = chroot.run(bookworm, ["python3", "build-images", "--formats", "vmdk"], cwd=work)
+    assert bad.returncode == 2 and b"unknown format vmdk" in bad.stderr
