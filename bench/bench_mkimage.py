@@ -1,0 +1,221 @@
+"""The standard image job, hshelper's mkimage recipe against baselines run side by side.
+
+    python3 bench/bench_mkimage.py [--rounds N] [--inputs] [--no-guestfish]
+
+The job: a 1 GiB raw image, GPT, a 100 MiB FAT32 ESP, an ext4 root filled from a ~100 MB
+tree (the target-bookworm test root without kernel modules, /boot, GRUB and the shared
+libraries: about 100 MB in 5300 entries), given as a plain tarball.
+
+  hshelper   ``helper-run --recipe mkimage`` as uid 65534 in the bookworm build root, the
+             tarball attached as a read-only disk (the recipe's fast way in), under TCG
+  floor      the hand-rolled pipeline on the host, no VM: truncate, sfdisk on the file,
+             mkfs.vfat --offset and mtools for the ESP, mke2fs -d -E offset for the root
+             (from the tree extracted beforehand, not timed; run unprivileged it would
+             give the files to the build user: the reason to use a VM at all)
+  vm floor   the same kernel booted raw by qemu (TCG) with a tiny busybox initrd that
+             powers off at once (bench/bench.py's floor)
+  guestfish  libguestfs doing the same job (part-init, mkfs, tar-in), where installed
+  --inputs   also hshelper with ROOT as the tarball over 9p and as a directory over 9p
+
+Target (issue 5): hshelper <= vm floor + 2 x floor, and >= 5x faster than guestfish.
+Rounds alternate the candidates; medians are reported. The machines here are noisy and
+shared: read the ratios, not the seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+import buildroots  # noqa: E402
+import chroot  # noqa: E402
+import imagecheck  # noqa: E402
+
+EXCLUDE = ("./usr/lib/modules", "./boot", "./usr/lib/grub", "./usr/lib/x86_64-linux-gnu",
+           "./.hshelper-root-done")
+WORK = "/home/builder/bench-mkimage"
+RECIPE = ["--recipe", "mkimage", "--esp-size", "100MiB", "--bootloader", "none"]
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+
+
+def base_bench():
+    """bench/bench.py, for its VM floor (tiny initrd, raw qemu command line)."""
+    spec = importlib.util.spec_from_file_location("hshelper_bench", HERE / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def timed(func: Callable[[], None]) -> float:
+    start = time.monotonic()
+    func()
+    return time.monotonic() - start
+
+
+def make_inputs(root: Path, target: Path) -> Path:
+    """tree.tar (and the tree/ it came from) in the build user's bench directory."""
+    host = root / WORK.lstrip("/")
+    if not (host / "tree.tar").exists():
+        host.mkdir(parents=True, exist_ok=True)
+        argv = ["tar", "--numeric-owner", "-C", str(target), "-cf", str(host / "tree.tar.tmp")]
+        subprocess.run([*argv, *(f"--exclude={e}" for e in EXCLUDE), "."], check=True)
+        os.rename(host / "tree.tar.tmp", host / "tree.tar")
+        (host / "tree").mkdir()
+        subprocess.run(["tar", "--numeric-owner", "-xpf", str(host / "tree.tar"), "-C",
+                        str(host / "tree")], check=True)
+    # Readable by the build user over 9p (the 9p-dir variant); owners do not matter here.
+    subprocess.run(["chown", "-R", f"{chroot.BUILD_UID}:{chroot.BUILD_UID}", str(host)],
+                   check=True)
+    return host
+
+
+def hshelper_job(root: Path, host: Path, source: str) -> Callable[[], None]:
+    disks = {"disk": ["--disk", "tree.tar,ro,name=src"], "9p-tar": [], "9p-dir": []}[source]
+    rootarg = {"disk": "/dev/disk/hshelper/src", "9p-tar": "tree.tar", "9p-dir": "tree"}[source]
+
+    def run() -> None:
+        (host / "out.img").unlink(missing_ok=True)
+        proc = chroot.run(root, ["helper-run", "-q", *disks,
+                                 "--disk", "out.img.part,size=1G,name=out", *RECIPE,
+                                 rootarg, "out.img"], cwd=WORK, timeout=1800)
+        if proc.returncode != 0 or not (host / "out.img").exists():
+            raise SystemExit(f"bench: helper-run failed ({source}): {proc.stderr.decode()}")
+    return run
+
+
+def handrolled_job(tree: Path, out: Path) -> Callable[[], None]:
+    """The floor: every step unprivileged on a plain file."""
+    def run() -> None:
+        out.unlink(missing_ok=True)
+        subprocess.run(["truncate", "-s", "1G", str(out)], check=True)
+        subprocess.run(["sfdisk", "-q", str(out)], check=True, text=True,
+                       input=f"label: gpt\nsize=100MiB, type={ESP_TYPE}\ntype=L\n")
+        esp, rootp = imagecheck.layout(out).partitions
+        subprocess.run(["mkfs.vfat", "-F", "32", f"--offset={esp.start}", str(out),
+                        str(esp.size // 2)], check=True, stdout=subprocess.DEVNULL)
+        img = f"{out}@@{esp.start * 512}"
+        subprocess.run(["mmd", "-i", img, "::/EFI", "::/EFI/BOOT"], check=True)
+        subprocess.run(["mcopy", "-i", img, str(tree / "etc/os-release"), "::/EFI/BOOT/"],
+                       check=True)
+        subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-E",
+                        f"offset={rootp.start * 512}", "-d", str(tree), str(out),
+                        f"{rootp.size // 2}k"], check=True)
+    return run
+
+
+def vm_floor_job(root: Path, work: Path) -> Callable[[], None]:
+    bench = base_bench()
+    bench.tiny_initrd(root, work / "tiny.cpio")
+    kernel = str(next((root / "boot").glob("vmlinuz-*")))
+    argv = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none",
+            "-machine", "pc,accel=tcg", "-cpu", "max", "-m", "512", "-smp", "1",
+            "-no-reboot", "-kernel", kernel, "-initrd", str(work / "tiny.cpio"),
+            "-append", "console=ttyS0 quiet panic=-1 rdinit=/init", "-serial", "null"]
+    return lambda: subprocess.run(argv, check=True)
+
+
+def guestfish_job(root: Path, tarball: Path, out: Path) -> Callable[[], None] | None:
+    if not shutil.which("guestfish"):
+        return None
+    kernel = next((root / "boot").glob("vmlinuz-*"))
+    version = kernel.name[len("vmlinuz-"):]
+    # No kernel in the host's /boot here: libguestfs's appliance borrows the build
+    # root's. KVM is broken on this machine, so TCG, like everything else here.
+    env = dict(os.environ, SUPERMIN_KERNEL=str(kernel), SUPERMIN_KERNEL_VERSION=version,
+               SUPERMIN_MODULES=str(root / "lib/modules" / version),
+               LIBGUESTFS_BACKEND="direct", LIBGUESTFS_BACKEND_SETTINGS="force_tcg",
+               LIBGUESTFS_CACHEDIR="/var/tmp/hshelper-bench-guestfs")
+    Path(env["LIBGUESTFS_CACHEDIR"]).mkdir(exist_ok=True)
+    script = (f"part-init /dev/sda gpt\npart-add /dev/sda p 2048 206847\n"
+              f"part-add /dev/sda p 206848 -34\npart-set-gpt-type /dev/sda 1 {ESP_TYPE}\n"
+              "mkfs vfat /dev/sda1\nmkfs ext4 /dev/sda2\nmount /dev/sda2 /\n"
+              f"tar-in {tarball} /\numount-all\n")
+
+    def run() -> None:
+        out.unlink(missing_ok=True)
+        subprocess.run(["truncate", "-s", "1G", str(out)], check=True)
+        subprocess.run(["guestfish", "--rw", "--format=raw", "-a", str(out)],
+                       input="run\n" + script, text=True, env=env, check=True)
+    return run
+
+
+def check_image(image: Path, tmp: Path) -> None:
+    """Every candidate's image must really hold the job: both filesystems clean."""
+    esp, rootp = imagecheck.layout(image).partitions
+    for part, kind, name in ((esp, "vfat", "esp.img"), (rootp, "ext4", "root.img")):
+        proc = imagecheck.fsck(imagecheck.extract(image, part, tmp / name), kind)
+        if proc.returncode != 0:
+            raise SystemExit(f"bench: {image}: {kind} partition not clean:\n{proc.stdout}")
+    (tmp / "esp.img").unlink()
+    (tmp / "root.img").unlink()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--inputs", action="store_true",
+                        help="also time ROOT over 9p (tarball, directory)")
+    parser.add_argument("--no-guestfish", action="store_true")
+    args = parser.parse_args()
+    root = buildroots.ensure_root("bookworm")
+    chroot.install(root)
+    host = make_inputs(root, buildroots.ensure_root("target-bookworm"))
+    jobs: dict[str, Callable[[], None]] = {}
+    with tempfile.TemporaryDirectory(prefix="hshelper-bench-") as tmp_name, \
+            chroot.proc_mounted(root):
+        tmp = Path(tmp_name)
+        jobs["hshelper"] = hshelper_job(root, host, "disk")
+        if args.inputs:
+            jobs["hshelper 9p-tar"] = hshelper_job(root, host, "9p-tar")
+            jobs["hshelper 9p-dir"] = hshelper_job(root, host, "9p-dir")
+        jobs["floor"] = handrolled_job(host / "tree", tmp / "floor.img")
+        jobs["vm floor"] = vm_floor_job(root, tmp)
+        gf = None if args.no_guestfish else guestfish_job(root, host / "tree.tar",
+                                                            tmp / "gf.img")
+        if gf:
+            jobs["guestfish"] = gf
+        jobs["hshelper"]()  # warm the helper image cache: a cold build is bench.py's
+        times: dict[str, list[float]] = {name: [] for name in jobs}
+        for _ in range(args.rounds):
+            for name, job in jobs.items():
+                times[name].append(timed(job))
+                print(f"  {name:16} {times[name][-1]:7.2f} s", file=sys.stderr, flush=True)
+        for image in (host / "out.img", tmp / "floor.img", tmp / "gf.img"):
+            if image.exists():
+                check_image(image, tmp)
+    med = {name: statistics.median(values) for name, values in times.items()}
+    print(f"\nthe job: 1 GiB GPT image, 100 MiB FAT32 ESP, ext4 root from "
+          f"{(host / 'tree.tar').stat().st_size / 1e6:.0f} MB tarball; medians of "
+          f"{args.rounds} rounds (TCG)")
+    for name, value in med.items():
+        print(f"  {name:16} {value:7.2f} s")
+    budget = med["vm floor"] + 2 * med["floor"]
+    print(f"hshelper = {med['hshelper'] / med['floor']:.1f}x the floor; "
+          f"{med['hshelper'] - med['vm floor']:.2f} s above the VM floor; "
+          f"target <= vm floor + 2 x floor = {budget:.2f} s: "
+          f"{'met' if med['hshelper'] <= budget else 'NOT met'}")
+    if "guestfish" in med:
+        speedup = med["guestfish"] / med["hshelper"]
+        print(f"guestfish / hshelper = {speedup:.1f}x (target >= 5x: "
+              f"{'met' if speedup >= 5 else 'NOT met'})")
+    for name in ("hshelper 9p-tar", "hshelper 9p-dir"):
+        if name in med:
+            print(f"{name} / hshelper (tarball as a disk) = "
+                  f"{med[name] / med['hshelper']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
