@@ -150,7 +150,9 @@ def hshelper_guest_setup(spec: RunSpec, image: ImageResult) -> list[tuple[str, s
     """Return per-run guest steps: (name, POSIX shell code) pairs.
 
     They run in the guest after the image's own init steps and before the payload, in
-    plugin order, as root, with ``set -e``-like care left to the step. They travel in a
+    plugin order, as root, with ``set -e``-like care left to the step. ``$hsh_mount``
+    is the cheapest mount program for explicit ``-t TYPE`` mounts (busybox's where
+    there is one; under TCG every library a program loads costs time). They travel in a
     small per-run archive appended to the cached initrd, so they never invalidate it.
     """
 

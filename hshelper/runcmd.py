@@ -225,7 +225,8 @@ def main(session, args, config, shell: bool = False) -> int:
     started = time.monotonic()
     try:
         run_initrd = workdir / "initrd"
-        with open(run_initrd, "wb") as out, open(image.initrd, "rb") as cached:
+        with open(run_initrd, "wb") as out, \
+                open(initrd.boot_initrd(image, accel.name), "rb") as cached:
             shutil.copyfileobj(cached, out, 1 << 20)
             # The kernel takes an uncompressed cpio after a compressed one only at a
             # 4-byte boundary (zero padding is skipped).

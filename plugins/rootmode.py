@@ -53,13 +53,13 @@ def hshelper_guest_setup(spec):
     if not _root_mode(spec):
         return []
     r = quote(GUEST_ROOT)
-    lines = [f"for hsh_d in /dev /proc /sys; do mount -o bind $hsh_d {r}$hsh_d; done",
-             f"mount -t tmpfs -o mode=1777 tmpfs {r}/tmp",
-             f"[ -d {r}/run ] && mount -t tmpfs tmpfs {r}/run",
-             f"[ -d {r}/dev/pts ] && mount -o bind /dev/pts {r}/dev/pts"]
+    lines = [f"for hsh_d in /dev /proc /sys; do $hsh_mount -o bind $hsh_d {r}$hsh_d; done",
+             f"$hsh_mount -t tmpfs -o mode=1777 tmpfs {r}/tmp",
+             f"[ -d {r}/run ] && $hsh_mount -t tmpfs tmpfs {r}/run",
+             f"[ -d {r}/dev/pts ] && $hsh_mount -o bind /dev/pts {r}/dev/pts"]
     for share in spec.shares:
         if share.guest != GUEST_ROOT:
             target = quote(GUEST_ROOT + share.guest)
-            lines.append(f"[ -d {target} ] && mount -o bind {quote(share.guest)} {target}")
+            lines.append(f"[ -d {target} ] && $hsh_mount -o bind {quote(share.guest)} {target}")
     lines.append(f"hsh_chroot={r}")
     return [("rootmode", "\n".join(lines))]

@@ -100,5 +100,5 @@ def hshelper_guest_setup(spec):
         if share.readonly:
             opts += ",ro"
         lines.append(f"mkdir -p {quote(share.guest)} && "
-                     f"mount -t 9p -o {opts} {share.tag} {quote(share.guest)}")
+                     f"$hsh_mount -t 9p -o {opts} {share.tag} {quote(share.guest)}")
     return [("share9p", "\n".join(lines))] if lines else []
