@@ -34,9 +34,28 @@ CONFIG_FILES = ("/etc/mke2fs.conf", "/etc/mtools.conf")
 FS_MODULES = {"xfs": "mkfs.xfs", "btrfs": "mkfs.btrfs"}
 
 
+# dosfstools converts file names through iconv's CP850 (its default codepage) and warns
+# on every mkfs.vfat without it; glibc finds it through the gconv cache.
+GCONV_DIRS = ("/usr/lib/x86_64-linux-gnu/gconv", "/usr/lib/aarch64-linux-gnu/gconv",
+              "/usr/lib64/gconv", "/usr/lib/gconv")
+GCONV_FILES = ("gconv-modules", "gconv-modules.cache", "IBM850.so")
+
+
+def gconv_files(sysroot) -> tuple[str, ...]:
+    """CP850 for mkfs.vfat, from the first gconv directory the build root has."""
+    if not (sysroot.which("mkfs.fat") or sysroot.which("mkfs.vfat")):
+        return ()
+    for directory in GCONV_DIRS:
+        if sysroot.exists(f"{directory}/IBM850.so"):
+            return tuple(f"{directory}/{name}" for name in GCONV_FILES
+                         if sysroot.exists(f"{directory}/{name}"))
+    return ()
+
+
 @hookimpl
 def hshelper_image_contents(sysroot):
-    files = tuple(File(path, source=path) for path in CONFIG_FILES if sysroot.exists(path))
+    wanted = [*CONFIG_FILES, *gconv_files(sysroot)]
+    files = tuple(File(path, source=path) for path in wanted if sysroot.exists(path))
     modules = tuple(f"{m}?" for m, tool in FS_MODULES.items() if sysroot.which(tool))
     programs = tuple(Program(t, applet=False, essential=t in ESSENTIAL) for t in TOOLS)
     return Contents(programs=programs, files=files,
