@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hshelper import __version__, cpio, elf, kmod, rootpath, runner
+from hshelper.atomic import write_atomic
 from hshelper.errors import HshelperError
 from hshelper.model import Contents, ImageResult, Program
 from hshelper.sysroot import DEFAULT_PATH, Kernel, Sysroot
@@ -599,15 +600,7 @@ def boot_initrd(image: ImageResult, accel: str) -> Path:
         return image.initrd
     plain = image.initrd.with_name("initrd.cpio")
     if not plain.is_file():
-        data = decompress(image.initrd.read_bytes(), image.compression)
-        fd, tmp = tempfile.mkstemp(dir=plain.parent, prefix=".initrd.cpio.")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, plain)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        write_atomic(plain, decompress(image.initrd.read_bytes(), image.compression))
     return plain
 
 

@@ -9,13 +9,11 @@ as it is.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 from hshelper import runner, vmlinux
+from hshelper.atomic import write_atomic
 
 
 def _decompress_cmd(fmt: str, data: bytes) -> bytes | None:
@@ -43,12 +41,4 @@ def bootable(kernel: Path, cache: Path) -> Path:
     if data is None or not vmlinux.has_pvh_note(data):
         no_pvh.touch()
         return kernel
-    fd, tmp = tempfile.mkstemp(dir=where, prefix=".vmlinux.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, elf)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    return elf
+    return write_atomic(elf, data)
