@@ -35,6 +35,10 @@ def install(root: Path) -> None:
     shutil.copytree(SRC / "plugins", tmp / "hshelper/plugins", ignore=ignore)
     shutil.copytree(SRC / "recipes", tmp / "hshelper/recipes", ignore=ignore)
     tmp.chmod(0o755)
+    # Byte-compiled as a package install is: the build user cannot write __pycache__
+    # there, and compiling hshelper's sources again in every run costs 0.15 s.
+    subprocess.run(["chroot", str(root), "python3", "-m", "compileall", "-q", "-d",
+                    "/opt/hshelper", f"/opt/{tmp.name}"], check=True)
     old = Path(tempfile.mkdtemp(prefix=".hshelper.old.", dir=root / "opt"))
     with contextlib.suppress(FileNotFoundError):
         os.rename(target, old / "hshelper")
