@@ -103,7 +103,7 @@ def handrolled_job(tree: Path, out: Path) -> Callable[[], None]:
         subprocess.run(["sfdisk", "-q", str(out)], check=True, text=True,
                        input=f"label: gpt\nsize=100MiB, type={ESP_TYPE}\ntype=L\n")
         esp, rootp = imagecheck.layout(out).partitions
-        subprocess.run(["mkfs.vfat", "-F", "32", f"--offset={esp.start}", str(out),
+        subprocess.run(["mkfs.vfat", "-F", "32", "-s", "1", f"--offset={esp.start}", str(out),
                         str(esp.size // 2)], check=True, stdout=subprocess.DEVNULL)
         img = f"{out}@@{esp.start * 512}"
         subprocess.run(["mmd", "-i", img, "::/EFI", "::/EFI/BOOT"], check=True)

@@ -54,6 +54,8 @@ EOF
 }
 
 say() { echo "$prog: $*" >&2; }
+# Progress with the guest's uptime: under TCG every step's cost shows.
+step() { say "[$(cut -d' ' -f1 /proc/uptime 2>/dev/null || echo ?)s] $*"; }
 die() { say "$*"; exit 1; }
 usage_error() { say "$*  (see --help)"; exit 2; }
 
@@ -211,6 +213,7 @@ part() {  # partition N of the disk: vda1, loop0p1, nvme0n1p1
 
 root_uuid=$(uuid)
 esp_id=$(hex8 | tr a-f A-F)
+step "partitioning $dev ($table)"
 touched=1
 if [ "$table" = gpt ]; then
     root_partuuid=$(uuid)
@@ -244,6 +247,7 @@ until [ -b "$root_dev" ]; do
 done
 
 # ---------------------------------------------------------------- filesystems
+step "making the filesystems"
 if [ -n "$esp_dev" ]; then
     mkfs.vfat -F 32 -n ESP -i "$esp_id" "$esp_dev" >/dev/null
 fi
@@ -268,7 +272,7 @@ if tar --version 2>/dev/null | grep -q GNU; then
     # Numeric ids (the guest has no passwd), and file capabilities (ping) kept.
     tar_opts="-p --numeric-owner --xattrs --xattrs-include=*"
 fi
-say "filling the $fs root from $root ($root_kind)"
+step "filling the $fs root from $root ($root_kind)"
 case $root_kind in
 dir) cp -a "$root/." "$mnt/" ;;
 tar)
@@ -401,6 +405,7 @@ install_extlinux() {
     fi
 }
 
+step "installing the bootloader: $bootloader"
 case $bootloader in
 systemd-boot) install_systemd_boot ;;
 grub) install_grub ;;
@@ -409,11 +414,13 @@ none) ;;
 esac
 
 # ---------------------------------------------------------------- finish
+step "unmounting and syncing"
 [ -z "$esp_mnt" ] || umount "$esp_mnt"
 esp_mnt=
 umount "$mnt"
 sync
 
+[ -z "$want_sha$qcow2" ] || step "checksums and copies"
 if [ -n "$want_sha" ]; then
     # The checksum of the device is the checksum of OUTPUT (same bytes).
     echo "$(sha256sum <"$dev" | cut -d' ' -f1)  ${output##*/}" >"$output.sha256.part"
@@ -434,4 +441,4 @@ if [ -n "$output" ]; then
     mv -f "$part_file" "$output"
 fi
 finished=1
-say "done: ${output:-$device} ($table, $fs root, bootloader $bootloader${kver:+, kernel $kver})"
+step "done: ${output:-$device} ($table, $fs root, bootloader $bootloader${kver:+, kernel $kver})"
