@@ -404,7 +404,8 @@ def test_kernel_file_trigger_makes_modules_readable_and_runs_depmod(bookworm, tm
 # ------------------------------------------------------------------ sbuild (Debian)
 
 SBUILD_USER = "hshbuild"  # unprivileged, with subuid/subgid ranges (unshare mode)
-SBUILD_PACKAGES = ("linux-image-amd64", "busybox", *buildroots.HSHELPER_DEPS,
+# fakeroot: sbuild 0.85 adds it to every build's dependencies (no apt lists needed).
+SBUILD_PACKAGES = ("fakeroot", "linux-image-amd64", "busybox", *buildroots.HSHELPER_DEPS,
                    *buildroots.DISK_TOOLS, *buildroots.QEMU)
 
 
@@ -467,6 +468,21 @@ umount /tmp/r
 """
 
 
+def stage_hshelper(stage: Path) -> None:
+    """This checkout laid out as chroot.install lays it out (opt/hshelper, wrappers in
+    usr/local/bin), in a tree a chroot-setup command copies into sbuild's chroot."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    target = stage / "opt/hshelper/hshelper"
+    shutil.copytree(SRC / "hshelper", target, ignore=ignore)
+    shutil.copytree(SRC / "plugins", target / "plugins", ignore=ignore)
+    shutil.copytree(SRC / "recipes", target / "recipes", ignore=ignore)
+    for name, func in (("hshelper", "main"), ("helper-run", "helper_run_main")):
+        wrapper = stage / "usr/local/bin" / name
+        wrapper.parent.mkdir(parents=True, exist_ok=True)
+        wrapper.write_text(chroot.WRAPPER.format(func=func))
+        wrapper.chmod(0o755)
+
+
 def sbuild_workspace(tarball: Path) -> Path:
     """A directory the unprivileged sbuild user owns: the source package, a staging tree
     with this checkout's hshelper (copied into the chroot by a chroot-setup command), the
@@ -479,8 +495,7 @@ def sbuild_workspace(tarball: Path) -> Path:
         (src / name).write_text(text)
     (src / "debian/rules").chmod(0o755)
     stage = ws / "stage"
-    (stage / "opt").mkdir(parents=True)
-    chroot.install(stage)
+    stage_hshelper(stage)
     shutil.copytree(SRC / "integrations", stage / "usr/share/hshelper/integrations",
                     ignore=shutil.ignore_patterns("__pycache__"))
     (stage / "usr/local/bin/hsh-demo-image").write_text(DEMO_STEP)
@@ -493,6 +508,11 @@ def sbuild_workspace(tarball: Path) -> Path:
         f"  {{ directory => '{ws}/out', mountpoint => '/hshelper-out' }},\n"
         f"  {{ directory => '{stage}', mountpoint => '/hshelper-stage' }},\n];\n1;\n")
     subprocess.run(["chown", "-R", f"{SBUILD_USER}:{SBUILD_USER}", str(ws)], check=True)
+    # sbuild's user namespace maps only the subordinate ids (root inside is the first
+    # subuid): the bind-mounted directories must be open to "others", and the output
+    # directory writable by them.
+    ws.chmod(0o755)
+    (ws / "out").chmod(0o777)
     return ws
 
 
@@ -527,11 +547,14 @@ def test_sbuild_unshare_finished_build_makes_a_disk_image():
              "--chroot-setup-commands=/usr/share/hshelper/integrations/sbuild/"
              "hshelper-chroot-setup", f"--finished-build-commands={step}",
              f"{ws}/hsh-demo_1.0.dsc"], capture_output=True, text=True, timeout=1200)
-        log = proc.stdout[-6000:] + proc.stderr[-2000:]
+        logs = sorted((ws / "build").glob("*.build"))
+        log = (logs[-1].read_text(errors="replace")[-5000:] if logs else proc.stdout[-6000:]) \
+            + proc.stderr[-2000:]
         assert proc.returncode == 0, log
         assert list((ws / "build").glob("hsh-demo_1.0_all.deb")), log
         image = ws / "out/demo.img"
-        assert image.stat().st_uid == pwd_uid(SBUILD_USER), log
+        # Copied by root inside sbuild's namespace: owned by the first subordinate uid.
+        assert image.stat().st_uid == subuid_base(SBUILD_USER), log
         report = json.loads((ws / "out/hshelper-report.json").read_text())
         assert report["status"] == 0 and report["cwd"].endswith("/hshelper")
         [art] = report["artifacts"]
@@ -551,10 +574,12 @@ def test_sbuild_unshare_finished_build_makes_a_disk_image():
         shutil.rmtree(ws, ignore_errors=True)
 
 
-def pwd_uid(name: str) -> int:
-    import pwd
-
-    return pwd.getpwnam(name).pw_uid
+def subuid_base(name: str) -> int:
+    for line in Path("/etc/subuid").read_text().splitlines():
+        user, start, _ = line.split(":")
+        if user == name:
+            return int(start)
+    raise AssertionError(f"no /etc/subuid range for {name}")
 
 
 # ------------------------------------------------------------------ release example
