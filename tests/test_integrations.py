@@ -366,6 +366,16 @@ def test_rpm_spec_builds_with_rpmbuild(tmp_path, vendor):
         assert "/lib/modules" in triggers and "hshelper-kernel.filetrigger" in triggers
 
 
+def test_image_spec_example_parses():
+    if not shutil.which("rpmspec"):
+        pytest.skip("rpmspec is not installed (Debian package rpm)")
+    spec = SRC / "integrations/hasher/image.spec.example"
+    proc = subprocess.run(["rpmspec", "-q", "--buildrequires", str(spec)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["hshelper-run"]
+
+
 @pytest.mark.slow
 def test_kernel_file_trigger_makes_modules_readable_and_runs_depmod(bookworm, tmp_path):
     """The trigger script for real, on a module tree and kernel made unreadable (as ALT
