@@ -632,3 +632,56 @@ def test_release_script_builds_a_matrix_with_sha256sums(bookworm):
     assert stamp == "v1.2.3\n"
     bad = chroot.run(bookworm, ["python3", "build-images", "--formats", "vmdk"], cwd=work)
     assert bad.returncode == 2 and b"unknown format vmdk" in bad.stderr
+
+
+# ------------------------------------------------------------------ pbuilder B hook
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+def test_pbuilder_b_hook_runs_the_step_as_the_build_user(bookworm, tmp_path):
+    """The B hook as pbuilder runs it after a build: as root inside the chroot, with
+    BUILDDIR, BUILDUSERNAME and the step in the environment. (pbuilder itself is not
+    run: sbuild above is the full proof; this runs the hook and the step for real.)"""
+    pkg = tmp_path / "pkg"
+    (pkg / "DEBIAN").mkdir(parents=True)
+    (pkg / "DEBIAN/control").write_text("Package: hook-demo\nVersion: 1\nArchitecture: all\n"
+                                        "Maintainer: T <t@localhost>\nDescription: test\n")
+    build = bookworm / "build"
+    shutil.rmtree(build, ignore_errors=True)
+    build.mkdir()
+    os.chown(build, BUILDER, BUILDER)
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(pkg),
+                    str(build / "hook-demo_1_all.deb")], check=True, capture_output=True)
+    hooks = bookworm / "tmp/hshelper-hooks"
+    shutil.rmtree(hooks, ignore_errors=True)
+    hooks.mkdir()
+    for src in ("pbuilder/B90hshelper", "common/hshelper-after-build"):
+        shutil.copy(SRC / "integrations" / src, hooks)
+    step = ('helper-run --disk hook.img,size=32M,name=out sh -c '
+            '\'mkfs.ext4 -q "$HSHELPER_DISK_OUT" && echo "$HSHELPER_PACKAGES" > pkgs.txt\'')
+    env = {"BUILDDIR": "/build", "BUILDUSERNAME": "nobody", "HSHELPER_STEP": step,
+           "HSHELPER_OUT": "/build/out", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    try:
+        with chroot.proc_mounted(bookworm):
+            proc = subprocess.run(["chroot", str(bookworm), "/usr/bin/env", "-i",
+                                   *[f"{k}={v}" for k, v in env.items()],
+                                   "/bin/sh", "/tmp/hshelper-hooks/B90hshelper"],
+                                  capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        work, out = build / "hshelper", build / "out"
+        assert (work / "hook.img").stat().st_uid == BUILDER  # made by the build user
+        assert (out / "pkgs.txt").read_text() == "/build/hook-demo_1_all.deb\n"
+        image = (out / "hook.img").read_bytes()
+        assert image[1024 + 56:1024 + 58] == b"\x53\xef"
+        report = json.loads((out / "hshelper-report.json").read_text())
+        assert report["status"] == 0
+        assert report["artifacts"][0]["sha256"] == hashlib.sha256(image).hexdigest()
+        # Without a step the hook does nothing, successfully.
+        quiet = subprocess.run(["/usr/sbin/chroot", str(bookworm), "/bin/sh",
+                                "/tmp/hshelper-hooks/B90hshelper"], capture_output=True,
+                               text=True, env={"PATH": "/usr/bin:/bin"})
+        assert quiet.returncode == 0 and "nothing to do" in quiet.stdout
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+        shutil.rmtree(hooks, ignore_errors=True)
