@@ -183,5 +183,7 @@ def hshelper_run_vm(spec: RunSpec, vm: VM, stop: threading.Event,
 def hshelper_after_run(spec: RunSpec, result: RunResult) -> None:
     """See the result of a run: exit status, timings, accelerator, artifacts.
 
-    Called after the VM has stopped, also when the command failed. Return value ignored.
+    Called after the VM has stopped, also when the command failed, and when the run was
+    skipped (``--skip-without-kvm`` without KVM: ``result.skipped`` is true, no VM ran,
+    and ``spec`` was not adjusted by ``hshelper_run_spec``). Return value ignored.
     """
