@@ -159,6 +159,9 @@ trap 'exit 143' TERM
 # Checked once a failure can clean up after itself (the trap removes OUTPUT.part).
 case $table in gpt | mbr) ;; *) usage_error "--table must be gpt or mbr" ;; esac
 case $fs in ext4 | xfs | btrfs) ;; *) usage_error "--fs must be ext4, xfs or btrfs" ;; esac
+case $esp_size in
+'' | *[!0-9A-Za-z]*) usage_error "--esp-size: a size like 256MiB, 100M or 1G" ;;
+esac
 case $bootloader in
 auto) if [ "$table" = gpt ]; then bootloader=efi-auto; else bootloader=extlinux; fi ;;
 systemd-boot | grub) [ "$table" = gpt ] || usage_error "$bootloader needs --table gpt" ;;

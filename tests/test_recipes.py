@@ -128,6 +128,32 @@ def test_bad_root_fails_cleanly(root, tmp_path):
     assert leftovers(host) == []  # neither disk.img nor disk.img.part
 
 
+def test_failure_after_partitioning_removes_the_part_file(root):
+    """A tarball that is not a root filesystem fails after the disk was partitioned,
+    formatted and filled: the recipe unmounts, removes disk.img.part and says so."""
+    guest, host = workdir(root, "mkimage-notroot")
+    (host / "tree").mkdir()
+    (host / "tree/hello").write_text("hi\n")
+    subprocess.run(["tar", "-C", str(host / "tree"), "-cf", str(host / "notroot.tar"), "."],
+                   check=True)
+    shutil.rmtree(host / "tree")
+    (host / "notes.txt").write_text("not a tarball\n")
+    subprocess.run(["chown", "-R", f"{chroot.BUILD_UID}:{chroot.BUILD_UID}", str(host)],
+                   check=True)
+    proc = helper_run(root, "--disk", "disk.img.part,size=64M,name=out",
+                      "recipes/mkimage.sh", "--esp-size", "40MiB", "notroot.tar", "disk.img",
+                      cwd=guest)
+    assert proc.returncode == 1
+    err = proc.stderr.decode()
+    assert "has no /etc: not a root filesystem" in err and "no image was written" in err
+    assert leftovers(host) == ["notes.txt", "notroot.tar"]
+    proc = helper_run(root, "--disk", "disk.img.part,size=64M,name=out",
+                      "recipes/mkimage.sh", "notes.txt", "disk.img", cwd=guest)
+    assert proc.returncode == 1
+    assert "neither a directory nor a tar archive" in proc.stderr.decode().splitlines()[0]
+    assert leftovers(host) == ["notes.txt", "notroot.tar"]
+
+
 def test_help_documents_the_options():
     proc = subprocess.run(["sh", str(chroot.SRC / "recipes/mkimage.sh"), "--help"],
                           capture_output=True, text=True)
