@@ -128,6 +128,13 @@ def vm_floor_job(root: Path, work: Path) -> Callable[[], None]:
 
 def guestfish_job(root: Path, tarball: Path, out: Path) -> Callable[[], None] | None:
     if not shutil.which("guestfish"):
+        print("bench: guestfish not installed (libguestfs-tools): not timed", file=sys.stderr)
+        return None
+    if not Path("/lib/modules").is_dir():
+        # supermin lstat()s the host's /lib/modules even when SUPERMIN_MODULES points
+        # elsewhere; a host without a kernel of its own (a container) has none.
+        print("bench: guestfish skipped: supermin needs a /lib/modules directory on the "
+              "host (mkdir /lib/modules is enough)", file=sys.stderr)
         return None
     kernel = next((root / "boot").glob("vmlinuz-*"))
     version = kernel.name[len("vmlinuz-"):]

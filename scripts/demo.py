@@ -13,7 +13,6 @@ unprivileged user inside a build root, checked on the host, then booted.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -48,6 +47,10 @@ def prepare(root: Path, work: str) -> Path:
     return host
 
 
+def indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.rstrip("\n").splitlines())
+
+
 def check(image: Path, tmp: Path) -> str:
     """Print what the host sees in the image; return the root partition's PARTUUID."""
     print(imagecheck.sfdisk_dump(image), end="")
@@ -61,9 +64,9 @@ def check(image: Path, tmp: Path) -> str:
             raise SystemExit(f"demo: fsck found errors in the {kind} partition:\n{proc.stdout}")
     print("ESP /EFI/BOOT:", " ".join(imagecheck.fat_ls(esp_img, "/EFI/BOOT")))
     print("ESP /loader/entries/linux.conf:")
-    print("  " + imagecheck.fat_cat(esp_img, "/loader/entries/linux.conf").replace("\n", "\n  "))
+    print(indent(imagecheck.fat_cat(esp_img, "/loader/entries/linux.conf")))
     print("root /etc/fstab:")
-    print("  " + imagecheck.ext_cat(root_img, "/etc/fstab").replace("\n", "\n  "))
+    print(indent(imagecheck.ext_cat(root_img, "/etc/fstab")))
     return rootp.uuid.lower()
 
 
@@ -95,7 +98,6 @@ def main() -> int:
               file=sys.stderr)
         return 1
     print(f"\ndemo: {image.name} booted from its own disk (root=PARTUUID={partuuid}).")
-    os.chmod(image, 0o644)
     return 0
 
 

@@ -27,7 +27,7 @@ mount -t proc proc /proc 2>/dev/null
 mount -t sysfs sysfs /sys 2>/dev/null
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 echo "{MARKER} root $(awk '$2 == "/" {{print $1, $3}}' /proc/mounts)"
-echo "{MARKER} cmdline $(cat /proc/cmdline)"
+printf '%s\n' "{MARKER} cmdline $(cat /proc/cmdline)"  # printf: no escapes
 if grep -q /boot/efi /etc/fstab && mount /boot/efi; then
     echo "{MARKER} esp $(ls /boot/efi/EFI/BOOT)"
     umount /boot/efi

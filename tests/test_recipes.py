@@ -152,6 +152,13 @@ def test_failure_after_partitioning_removes_the_part_file(root):
     assert proc.returncode == 1
     assert "neither a directory nor a tar archive" in proc.stderr.decode().splitlines()[0]
     assert leftovers(host) == ["notes.txt", "notroot.tar"]
+    # xfsprogs is not installed in this build root: said in one line, before any work.
+    proc = helper_run(root, "--disk", "disk.img.part,size=64M,name=out",
+                      "recipes/mkimage.sh", "--fs", "xfs", "notroot.tar", "disk.img", cwd=guest)
+    assert proc.returncode == 1
+    assert "mkfs.xfs is not in the helper image (install xfsprogs" in \
+        proc.stderr.decode().splitlines()[0]
+    assert leftovers(host) == ["notes.txt", "notroot.tar"]
 
 
 def test_help_documents_the_options():
