@@ -7,6 +7,11 @@
 set -eu
 
 prog=mkimage.sh
+# Under TCG, qemu emulates `rep movsb` slowly, and glibc copies large blocks with it
+# (ERMS). A higher threshold makes glibc copy with vector loops, which TCG translates
+# well: tar's extraction of 100 MB took 7.6 s instead of 11.5 s. Natively either is fast.
+GLIBC_TUNABLES=${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.cpu.x86_rep_movsb_threshold=2147483647:glibc.cpu.x86_rep_stosb_threshold=2147483647
+export GLIBC_TUNABLES
 
 usage() {
     cat <<'EOF'
