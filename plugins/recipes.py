@@ -31,14 +31,14 @@ def resolve(name: str, root_mode: bool) -> str:
     return str(found[name].path) if root_mode else f"{GUEST_DIR}/{name}.sh"
 
 
-def install_code(scripts: dict[str, str]) -> str:
-    """Shell code that writes the scripts to GUEST_DIR (quoted here-documents)."""
-    lines = [f"mkdir -p {GUEST_DIR}"]
+def install_code(scripts: dict[str, str], directory: str = GUEST_DIR) -> str:
+    """Shell code that writes the scripts to ``directory`` (quoted here-documents)."""
+    lines = [f"mkdir -p {quote(directory)}"]
     for file_name, text in scripts.items():
         if EOF_WORD in text:
             raise HshelperError(f"recipe {file_name} contains {EOF_WORD}, which ends the "
                                 "here-document that carries it")
-        target = quote(f"{GUEST_DIR}/{file_name}")
+        target = quote(f"{directory}/{file_name}")
         lines.append(f"cat >{target} <<'{EOF_WORD}'\n{text.rstrip()}\n{EOF_WORD}")
         lines.append(f"chmod 755 {target}")
     return "\n".join(lines)

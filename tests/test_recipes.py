@@ -14,8 +14,12 @@ import buildroots
 import chroot
 import imagecheck
 import pytest
+from hshelper.plugins import recipes as plugin
 
-pytestmark = [pytest.mark.slow, pytest.mark.vm]
+from hshelper import recipes as recipe_files
+from hshelper.errors import HshelperError
+
+# Tests in the build root (VMs) are marked slow and vm; the others run anywhere.
 
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 ROOT_X86_64_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
@@ -96,6 +100,8 @@ def check_boot(image: Path, firmware: str, log: Path, partuuid: str) -> list[str
     return lines
 
 
+@pytest.mark.slow
+@pytest.mark.vm
 def test_gpt_systemd_boot_image_boots_with_uefi(root, target_tar, tmp_path):
     guest, host = workdir(root, "mkimage-gpt")
     proc = helper_run(root, "--disk", f"{target_tar},ro,name=src",
@@ -118,6 +124,8 @@ def test_gpt_systemd_boot_image_boots_with_uefi(root, target_tar, tmp_path):
     assert any(line.endswith("esp BOOTX64.EFI") for line in lines), lines
 
 
+@pytest.mark.slow
+@pytest.mark.vm
 def test_bad_root_fails_cleanly(root, tmp_path):
     guest, host = workdir(root, "mkimage-bad")
     proc = helper_run(root, "--disk", "disk.img.part,size=64M,name=out",
@@ -128,6 +136,8 @@ def test_bad_root_fails_cleanly(root, tmp_path):
     assert leftovers(host) == []  # neither disk.img nor disk.img.part
 
 
+@pytest.mark.slow
+@pytest.mark.vm
 def test_failure_after_partitioning_removes_the_part_file(root):
     """A tarball that is not a root filesystem fails after the disk was partitioned,
     formatted and filled: the recipe unmounts, removes disk.img.part and says so."""
@@ -170,6 +180,8 @@ def test_help_documents_the_options():
         assert option in proc.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.vm
 def test_mbr_extlinux_image_boots_with_bios(root, target_tar, tmp_path):
     guest, host = workdir(root, "mkimage-mbr")
     proc = helper_run(root, "--disk", f"{target_tar},ro,name=src",
@@ -197,6 +209,8 @@ def test_mbr_extlinux_image_boots_with_bios(root, target_tar, tmp_path):
     check_boot(image, "bios", tmp_path / "console.log", partuuid)
 
 
+@pytest.mark.slow
+@pytest.mark.vm
 def test_loop_recipe_grub_image_boots_with_uefi(root, target_tar, tmp_path):
     """The loop-device style (truncate + losetup -fP on a file in the share), with
     GRUB's EFI image at the removable path instead of systemd-boot."""
@@ -218,6 +232,8 @@ def test_loop_recipe_grub_image_boots_with_uefi(root, target_tar, tmp_path):
     assert any(line.endswith("esp BOOTX64.EFI") for line in lines), lines
 
 
+@pytest.mark.slow
+@pytest.mark.vm
 def test_hshelper_recipes_lists_the_installed_recipes(root):
     proc = chroot.run(root, ["hshelper", "recipes"])
     assert proc.returncode == 0, proc.stderr
@@ -228,6 +244,8 @@ def test_hshelper_recipes_lists_the_installed_recipes(root):
         assert (root / path.lstrip("/")).is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.vm
 def test_recipe_by_name_help_and_unknown_name(root):
     guest = chroot.fresh_dir(root, "recipe-help")
     proc = helper_run(root, "--recipe", "mkimage-loop", "--help", cwd=guest)
@@ -238,6 +256,8 @@ def test_recipe_by_name_help_and_unknown_name(root):
     assert bad.stderr.decode().count("\n") == 1 and b"mkimage" in bad.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.vm
 def test_recipe_by_name_from_a_directory_with_qcow2_and_sha256(root, tmp_path):
     """--recipe delivers the installed recipe; ROOT a directory over the 9p share;
     --qcow2 (qemu-img added with --with) and --sha256 written only at the end."""
@@ -279,3 +299,32 @@ def check_layout_only(image: Path, tmp: Path) -> Path:
     assert imagecheck.fsck(esp, "vfat").returncode == 0
     assert imagecheck.fsck(root_img, "ext4").returncode == 0
     return root_img
+
+
+@pytest.mark.parametrize("name", ["mkimage-mbr", "mkimage-loop"])
+def test_front_recipes_have_help(name):
+    proc = subprocess.run(["sh", str(chroot.SRC / f"recipes/{name}.sh"), "--help"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith(f"usage: {name}.sh")
+
+
+def test_recipe_files_travel_intact_in_the_setup_code(tmp_path):
+    """The here-documents of the plugin's guest step reproduce every file exactly."""
+    scripts = recipe_files.scripts()
+    assert {"mkimage.sh", "mkimage-mbr.sh", "mkimage-loop.sh"} <= set(scripts)
+    code = plugin.install_code(scripts, str(tmp_path / "r"))
+    subprocess.run(["sh", "-e", "-c", code], check=True)
+    for name, text in scripts.items():
+        copy = tmp_path / "r" / name
+        assert copy.read_text() == text and os.access(copy, os.X_OK)
+
+
+def test_recipe_names_only(tmp_path):
+    assert plugin.resolve("mkimage", root_mode=False) == "/hshelper/recipes/mkimage.sh"
+    assert plugin.resolve("mkimage", root_mode=True).endswith("/recipes/mkimage.sh")
+    for bad in ("no-such", "../mkimage", "/bin/sh"):
+        with pytest.raises(HshelperError) as err:
+            plugin.resolve(bad, root_mode=False)
+        assert err.value.status == 2
+    with pytest.raises(HshelperError):
+        plugin.install_code({"x.sh": f"echo\n{plugin.EOF_WORD}\nrm -rf /\n"})
