@@ -72,6 +72,10 @@ RECIPES: dict[str, Recipe] = {
     "target-bookworm": Recipe(("linux-image-cloud-amd64", "initramfs-tools",
                                "systemd-boot-efi", "grub-efi-amd64-bin", "extlinux",
                                "syslinux-common")),
+    # The bookworm build root plus xfsprogs and btrfs-progs: the recipes' --fs xfs|btrfs
+    # (their mkfs, and the modules that come with it, enter the helper image).
+    "bookworm-xfs-btrfs": Recipe(tuple(["linux-image-amd64", "busybox", *HSHELPER_DEPS,
+                                        *DISK_TOOLS, *QEMU, "xfsprogs", "btrfs-progs"])),
 }
 
 

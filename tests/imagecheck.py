@@ -82,7 +82,7 @@ def extract(image: Path, part: Partition, dest: Path) -> Path:
 
 def fsck(part: Path, fstype: str) -> subprocess.CompletedProcess:
     argv = {"vfat": ["fsck.vfat", "-n"], "ext4": ["e2fsck", "-fn"],
-            "xfs": ["xfs_repair", "-n"], "btrfs": ["btrfs", "check", "--readonly"]}[fstype]
+            "xfs": ["xfs_repair", "-n", "-f"], "btrfs": ["btrfs", "check", "--readonly"]}[fstype]
     return run([*argv, str(part)])
 
 

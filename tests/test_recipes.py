@@ -33,17 +33,21 @@ def root(bookworm):
         yield bookworm
 
 
-@pytest.fixture(scope="session")
-def target_tar(bookworm) -> str:
+def put_target_tar(build_root: Path) -> str:
     """The target Debian root (kernel, initrd, bootloaders) as a tarball the build user
-    can read, inside the build root; returns its path there."""
+    can read, inside ``build_root``; returns its path there."""
     target = buildroots.ensure_root("target-bookworm")
-    host_dir = bookworm / SRC_DIR.lstrip("/")
+    host_dir = build_root / SRC_DIR.lstrip("/")
     host_dir.mkdir(parents=True, exist_ok=True)
     os.chown(host_dir, chroot.BUILD_UID, chroot.BUILD_UID)
     tar = imagecheck.target_tarball(target, host_dir / "root.tar")
     os.chown(tar, chroot.BUILD_UID, chroot.BUILD_UID)
     return f"{SRC_DIR}/root.tar"
+
+
+@pytest.fixture(scope="session")
+def target_tar(bookworm) -> str:
+    return put_target_tar(bookworm)
 
 
 def workdir(root: Path, name: str) -> tuple[str, Path]:
@@ -230,6 +234,39 @@ def test_loop_recipe_grub_image_boots_with_uefi(root, target_tar, tmp_path):
     assert f"root=PARTUUID={rootp.uuid.lower()}" in grub_cfg
     lines = check_boot(image, "uefi", tmp_path / "console.log", rootp.uuid.lower())
     assert any(line.endswith("esp BOOTX64.EFI") for line in lines), lines
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+@pytest.mark.parametrize("fstype", ["xfs", "btrfs"])
+def test_xfs_and_btrfs_roots_boot(root_factory, fstype, tmp_path):
+    """--fs xfs|btrfs in a build root that has xfsprogs and btrfs-progs: the helper
+    image gets their mkfs and modules; the image is checked and boots with UEFI."""
+    fsroot = root_factory("bookworm-xfs-btrfs")
+    tar = put_target_tar(fsroot)
+    guest, host = workdir(fsroot, f"mkimage-{fstype}")
+    with chroot.proc_mounted(fsroot):
+        proc = helper_run(fsroot, "--disk", f"{tar},ro,name=src",
+                          "--disk", "disk.img.part,size=1G,name=out",
+                          "recipes/mkimage.sh", "--fs", fstype, "--append", MARKER_APPEND,
+                          "/dev/disk/hshelper/src", "disk.img", cwd=guest)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert leftovers(host) == ["disk.img"]
+    image = host / "disk.img"
+    lay = imagecheck.layout(image)
+    esp, rootp = lay.partitions
+    assert rootp.type == ROOT_X86_64_TYPE
+    esp_img = imagecheck.extract(image, esp, tmp_path / "esp.img")
+    root_img = imagecheck.extract(image, rootp, tmp_path / "root.img")
+    assert imagecheck.fsck(esp_img, "vfat").returncode == 0
+    fsck = imagecheck.fsck(root_img, fstype)
+    assert fsck.returncode == 0, (fsck.stdout, fsck.stderr)
+    assert imagecheck.probe(root_img)["TYPE"] == fstype
+    entry = imagecheck.fat_cat(esp_img, "/loader/entries/linux.conf")
+    assert f"rootfstype={fstype}" in entry
+    lines = check_boot(image, "uefi", tmp_path / "console.log", rootp.uuid.lower())
+    assert any(line.endswith(f" {fstype}") and " root /dev/vda2" in line for line in lines)
+    assert any(line.endswith("esp BOOTX64.EFI") for line in lines), lines  # fstab's UUID
 
 
 @pytest.mark.slow
