@@ -122,6 +122,14 @@ def test_extra_shares_read_only_and_writable(root):
     assert bad.returncode == 2 and b"is not a directory" in bad.stderr
 
 
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def test_sigint_is_130_and_leaves_no_qemu(root):
     from test_run import qemu_pids
 
@@ -130,7 +138,8 @@ def test_sigint_is_130_and_leaves_no_qemu(root):
             "helper-run", "sh", "-c", "echo started; sleep 100"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
     assert proc.stdout.readline() == b"started\n"
-    pids = qemu_pids(root)
+    # Only our qemu: the child of this helper-run (other runs may share the root).
+    pids = {pid for pid in qemu_pids(root) if _parent(pid) == proc.pid}
     assert pids, "qemu should be running now"
     os.kill(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=30) == 130
