@@ -27,6 +27,11 @@ def hshelper_config_keys() -> list[Key]:
         Key("run", "memory", int, 0, "guest memory in MiB; 0: fit the machine"),
         Key("run", "cpus", int, 0, "guest CPUs; 0: up to 2"),
         Key("run", "timeout", float, 0.0, "seconds before the command is stopped (exit 124)"),
+        # Without ERMS/FSRM, the guest kernel and glibc copy memory with vector loops
+        # instead of `rep movsb`, which TCG emulates slowly: boots 0.4 s sooner, copies
+        # in the guest nearly twice as fast (measured A/B on the CI machine).
+        Key("run", "tcg_cpu", str, "max,erms=off,fsrm=off",
+            "qemu's -cpu under TCG (an older qemu without these flags: max)"),
         Key("run", "qemu", str, "", "the qemu program; empty: qemu-system-ARCH from PATH"),
         Key("run", "mode", str, "image",
             "image: programs from the helper image; root: the build root is the guest's /",

@@ -233,7 +233,7 @@ def main(session, args, config, shell: bool = False) -> int:
             out.write(b"\0" * (-out.tell() % 4))
             out.write(guestrun.run_archive(spec, steps))
         machine = Machine(accel.name, spec.memory_mb, spec.cpus, boot_kernel, run_initrd,
-                          " ".join(words))
+                          " ".join(words), config.get("run", "tcg_cpu"))
         vm = VM(qemu, machine, qemu_extra, console_log, spec.stdin, spec.verbose)
         host.hook.hshelper_before_run(spec=spec, argv=vm.argv)
         if spec.verbose:

@@ -42,6 +42,7 @@ class Machine:
     kernel: Path
     initrd: Path
     cmdline: str
+    tcg_cpu: str = "max"  # the CPU model under TCG (KVM always passes the host's)
 
 
 def default_qemu() -> str:
@@ -68,7 +69,7 @@ def qemu_argv(qemu: str, machine: Machine, fds: dict[str, int], extra: list[str]
         "-nodefaults", "-no-user-config",  # only what we ask for, no ~/.config surprises
         "-display", "none",
         "-machine", f"pc,accel={machine.accel}",
-        "-cpu", "host" if kvm else "max",
+        "-cpu", "host" if kvm else machine.tcg_cpu,
         "-m", str(machine.memory_mb),
         "-smp", str(machine.cpus),
         "-no-reboot",  # the guest's reboot request is how it stops
