@@ -70,6 +70,19 @@ def leftovers(host: Path) -> list[str]:
     return sorted(p.name for p in host.iterdir() if p.name != "recipes")
 
 
+def build_image(root: Path, tar: str, name: str, recipe: str, *options: str) -> Path:
+    """Run ``recipe`` on the target tarball (a read-only disk) into a 1 GiB disk.img;
+    returns the image's host path after checking that nothing else was left behind."""
+    guest, host = workdir(root, name)
+    proc = helper_run(root, "--disk", f"{tar},ro,name=src",
+                      "--disk", "disk.img.part,size=1G,name=out",
+                      f"recipes/{recipe}", *options, "--append", MARKER_APPEND,
+                      "/dev/disk/hshelper/src", "disk.img", cwd=guest)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert leftovers(host) == ["disk.img"]
+    return host / "disk.img"
+
+
 def check_esp_and_root(image: Path, tmp: Path, fstype: str = "ext4") -> dict:
     """The GPT layout and both filesystems, checked on the host; returns what was found."""
     lay = imagecheck.layout(image)
@@ -107,14 +120,7 @@ def check_boot(image: Path, firmware: str, log: Path, partuuid: str) -> list[str
 @pytest.mark.slow
 @pytest.mark.vm
 def test_gpt_systemd_boot_image_boots_with_uefi(root, target_tar, tmp_path):
-    guest, host = workdir(root, "mkimage-gpt")
-    proc = helper_run(root, "--disk", f"{target_tar},ro,name=src",
-                      "--disk", "disk.img.part,size=1G,name=out",
-                      "recipes/mkimage.sh", "--append", MARKER_APPEND,
-                      "/dev/disk/hshelper/src", "disk.img", cwd=guest)
-    assert proc.returncode == 0, proc.stderr.decode()
-    assert leftovers(host) == ["disk.img"]
-    image = host / "disk.img"
+    image = build_image(root, target_tar, "mkimage-gpt", "mkimage.sh")
     assert image.stat().st_uid == chroot.BUILD_UID
     assert image.stat().st_size == 2**30
     found = check_esp_and_root(image, tmp_path)
@@ -187,14 +193,7 @@ def test_help_documents_the_options():
 @pytest.mark.slow
 @pytest.mark.vm
 def test_mbr_extlinux_image_boots_with_bios(root, target_tar, tmp_path):
-    guest, host = workdir(root, "mkimage-mbr")
-    proc = helper_run(root, "--disk", f"{target_tar},ro,name=src",
-                      "--disk", "disk.img.part,size=1G,name=out",
-                      "recipes/mkimage-mbr.sh", "--append", MARKER_APPEND,
-                      "/dev/disk/hshelper/src", "disk.img", cwd=guest)
-    assert proc.returncode == 0, proc.stderr.decode()
-    assert leftovers(host) == ["disk.img"]
-    image = host / "disk.img"
+    image = build_image(root, target_tar, "mkimage-mbr", "mkimage-mbr.sh")
     lay = imagecheck.layout(image)
     assert lay.label == "dos" and len(lay.partitions) == 1
     (rootp,) = lay.partitions
@@ -244,15 +243,8 @@ def test_xfs_and_btrfs_roots_boot(root_factory, fstype, tmp_path):
     image gets their mkfs and modules; the image is checked and boots with UEFI."""
     fsroot = root_factory("bookworm-xfs-btrfs")
     tar = put_target_tar(fsroot)
-    guest, host = workdir(fsroot, f"mkimage-{fstype}")
     with chroot.proc_mounted(fsroot):
-        proc = helper_run(fsroot, "--disk", f"{tar},ro,name=src",
-                          "--disk", "disk.img.part,size=1G,name=out",
-                          "recipes/mkimage.sh", "--fs", fstype, "--append", MARKER_APPEND,
-                          "/dev/disk/hshelper/src", "disk.img", cwd=guest)
-    assert proc.returncode == 0, proc.stderr.decode()
-    assert leftovers(host) == ["disk.img"]
-    image = host / "disk.img"
+        image = build_image(fsroot, tar, f"mkimage-{fstype}", "mkimage.sh", "--fs", fstype)
     lay = imagecheck.layout(image)
     esp, rootp = lay.partitions
     assert rootp.type == ROOT_X86_64_TYPE
