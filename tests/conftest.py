@@ -30,6 +30,14 @@ def bookworm() -> Path:
     return _root("bookworm")
 
 
+@pytest.fixture
+def root(bookworm):
+    """The bookworm root with /proc mounted for this test only (as hasher mounts it
+    when asked: QEMU's 9p server needs it)."""
+    with chroot.proc_mounted(bookworm):
+        yield bookworm
+
+
 @pytest.fixture(scope="session")
 def root_factory():
     return _root

@@ -15,12 +15,6 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 
 
-@pytest.fixture
-def root(bookworm):
-    with chroot.proc_mounted(bookworm):
-        yield bookworm
-
-
 def script_in(root, work: str, name: str, text: str) -> None:
     path = root / work.lstrip("/") / name
     path.write_text(text)

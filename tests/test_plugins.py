@@ -20,12 +20,6 @@ SRC = Path(__file__).resolve().parent.parent
 EXAMPLE = SRC / "docs/examples/stamp.py"
 
 
-@pytest.fixture
-def root(bookworm):
-    with chroot.proc_mounted(bookworm):
-        yield bookworm
-
-
 def in_root(root: Path, name: str) -> tuple[str, Path]:
     guest = chroot.fresh_dir(root, name)
     return guest, root / guest.lstrip("/")

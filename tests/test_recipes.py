@@ -27,12 +27,6 @@ MARKER_APPEND = "init=/usr/local/sbin/marker"
 SRC_DIR = "/home/builder/recipe-src"
 
 
-@pytest.fixture
-def root(bookworm):
-    with chroot.proc_mounted(bookworm):
-        yield bookworm
-
-
 def put_target_tar(build_root: Path) -> str:
     """The target Debian root (kernel, initrd, bootloaders) as a tarball the build user
     can read, inside ``build_root``; returns its path there."""

@@ -50,12 +50,6 @@ def test_build_report_hashes_what_is_on_disk(tmp_path):
 # ------------------------------------------------------------------ real runs
 
 
-@pytest.fixture
-def root(bookworm):
-    with chroot.proc_mounted(bookworm):
-        yield bookworm
-
-
 def helper_run(root, work, *argv, **kwargs):
     return chroot.run(root, ["helper-run", *argv], cwd=work, **kwargs)
 

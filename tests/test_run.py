@@ -13,13 +13,6 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 
 
-@pytest.fixture
-def root(bookworm):
-    """The bookworm root with /proc mounted for this test only."""
-    with chroot.proc_mounted(bookworm):
-        yield bookworm
-
-
 def helper_run(root, *argv, cwd=chroot.HOME, **kwargs):
     return chroot.run(root, ["helper-run", *argv], cwd=cwd, **kwargs)
 

@@ -83,12 +83,6 @@ def test_kernel_flavour_match():
 
 
 
-@pytest.fixture
-def root(bookworm):
-    with chroot.proc_mounted(bookworm):
-        yield bookworm
-
-
 def kvm_works(root) -> bool:
     out = chroot.run(root, ["hshelper", "info"]).stdout.decode()
     return "accelerator: kvm" in out
