@@ -269,7 +269,12 @@ def _shebang(root: Path, guest: str) -> str | None:
             head = fh.read(256)
     except (OSError, rootpath.RootPathError):
         return None
+    words = shebang_words(head)
+    return words[0] if words else None
+
+
+def shebang_words(head: bytes) -> list[str]:
+    """The words of a script's ``#!`` line (from its first bytes); [] for no script."""
     if not head.startswith(b"#!"):
-        return None
-    words = head[2:].split(b"\n", 1)[0].split()
-    return words[0].decode() if words else None
+        return []
+    return head[2:].split(b"\n", 1)[0].decode(errors="replace").split()

@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from hshelper import guestrun, initrd, kernelimage
+from hshelper import elf, guestrun, initrd, kernelimage
 from hshelper.config import Layer
 from hshelper.errors import HshelperError
 from hshelper.model import Accel, RunResult, RunSpec
@@ -141,8 +141,7 @@ def script_shell(cwd: str, command: str, search_path: str) -> str | None:
             break
     else:
         return None
-    words = head[2:].split(b"\n", 1)[0].decode(errors="replace").split() \
-        if head.startswith(b"#!") else []
+    words = elf.shebang_words(head)
     if words and os.path.basename(words[0]) == "env":
         words = words[1:]
     if not words or os.path.basename(words[0]) not in SCRIPT_SHELLS - {"sh"}:
