@@ -160,7 +160,8 @@ def _signal_handlers(stop: threading.Event):
 
 
 def chain_run_spec(host, spec: RunSpec, config, args) -> RunSpec:
-    """Let each plugin adjust the spec in registration order, seeing the previous result."""
+    """Let each plugin adjust the spec, seeing the previous result: last registered
+    first, as pluggy calls hooks (so ``mkimage`` sees the disks and the recipe)."""
     for impl in reversed(host.pm.hook.hshelper_run_spec.get_hookimpls()):
         kwargs = {"spec": spec, "config": config, "args": args}
         changed = impl.function(**{k: kwargs[k] for k in impl.argnames})

@@ -40,6 +40,9 @@ Options:
   --fs ext4|xfs|btrfs  root filesystem (default: ext4; xfs and btrfs need their mkfs in
                        the helper image: install xfsprogs / btrfs-progs in the build root)
   --label LABEL        root filesystem label (default: root)
+  --root-uuid UUID     the root filesystem's UUID (default: a new random one)
+  --root-partuuid ID   the root partition's PARTUUID (default: random): a UUID with
+                       gpt, DISKID-01 (8 hex digits, the disk identifier) with mbr
   --bootloader NAME    auto, systemd-boot, grub, extlinux or none (default: auto:
                        gpt: systemd-boot when ROOT has it, else GRUB's EFI image
                        installed at the removable path; mbr: extlinux)
@@ -51,6 +54,15 @@ Options:
   --qcow2 FILE         also write a qcow2 copy (needs qemu-img in the helper image:
                        helper-run --with qemu-img)
   --sha256             write OUTPUT.sha256 (and FILE.sha256 with --qcow2)
+  --size SIZE          the image's size (K, M, G, T: powers of 1024). helper-run
+                       --recipe mkimage attaches OUTPUT.part of this size itself; else
+                       the attached disk must have it
+  --prefilled          the disk already holds the partition table and the populated
+                       ext4 root (helper-run --recipe mkimage does that natively on
+                       the host, which is much faster than in the VM): only the ESP,
+                       /etc/fstab and the bootloader are done here; ROOT is not read.
+                       --root-uuid and --root-partuuid then say what the disk has
+                       (else they are read from it)
   -h, --help           show this help
 
 The root filesystem's /etc/fstab is replaced (root and ESP by UUID); the kernel finds
@@ -76,6 +88,10 @@ append=
 console="console=tty0 console=ttyS0,115200"
 qcow2=
 want_sha=
+size=
+prefilled=
+root_uuid=
+root_partuuid=
 root=
 output=
 
@@ -94,6 +110,10 @@ while [ "$#" -gt 0 ]; do
     --console) need_arg "$@"; console=$2; shift ;;
     --qcow2) need_arg "$@"; qcow2=$2; shift ;;
     --sha256) want_sha=1 ;;
+    --size) need_arg "$@"; size=$2; shift ;;
+    --prefilled) prefilled=1 ;;
+    --root-uuid) need_arg "$@"; root_uuid=$2; shift ;;
+    --root-partuuid) need_arg "$@"; root_partuuid=$2; shift ;;
     --) shift; break ;;
     -*) usage_error "unknown option $1" ;;
     *) break ;;
@@ -113,6 +133,21 @@ dev=$(readlink -f "$device")
 [ -b "$dev" ] || die "$device is not a block device"
 devname=${dev##*/}
 dev_bytes=$(( $(cat "/sys/class/block/$devname/size") * 512 ))
+if [ -n "$size" ]; then
+    # truncate's and hshelper's units: powers of 1024.
+    n=${size%%[!0-9]*}
+    case ${size#"$n"} in
+    '' | B) mult=1 ;;
+    K | KB | KiB | k) mult=1024 ;;
+    M | MB | MiB | m) mult=1048576 ;;
+    G | GB | GiB | g) mult=1073741824 ;;
+    T | TB | TiB | t) mult=1099511627776 ;;
+    *) n= ;;
+    esac
+    [ -n "$n" ] || usage_error "--size: a size like 2G, 512M or 1073741824"
+    [ $((n * mult)) -eq "$dev_bytes" ] ||
+        die "--size $size is $((n * mult)) bytes, but $device has $dev_bytes"
+fi
 
 part_file=
 if [ -n "$output" ]; then
@@ -167,6 +202,19 @@ case $fs in ext4 | xfs | btrfs) ;; *) usage_error "--fs must be ext4, xfs or btr
 case $esp_size in
 '' | *[!0-9A-Za-z]*) usage_error "--esp-size: a size like 256MiB, 100M or 1G" ;;
 esac
+hex='[0-9a-fA-F]'
+h4=$hex$hex$hex$hex
+uuid_glob="$h4$h4-$h4-$h4-$h4-$h4$h4$h4"
+# shellcheck disable=SC2254
+case $root_uuid in '' | $uuid_glob) ;; *) usage_error "--root-uuid: not a UUID: $root_uuid" ;; esac
+if [ -n "$root_partuuid" ]; then
+    # shellcheck disable=SC2254
+    case $table-$root_partuuid in
+    gpt-$uuid_glob | mbr-$h4$h4-01) ;;
+    gpt-*) usage_error "--root-partuuid: not a UUID: $root_partuuid" ;;
+    *) usage_error "--root-partuuid with --table mbr: DISKID-01 (8 hex digits), not $root_partuuid" ;;
+    esac
+fi
 case $bootloader in
 auto) if [ "$table" = gpt ]; then bootloader=efi-auto; else bootloader=extlinux; fi ;;
 systemd-boot | grub) [ "$table" = gpt ] || usage_error "$bootloader needs --table gpt" ;;
@@ -174,7 +222,10 @@ extlinux | none) ;;
 *) usage_error "--bootloader must be auto, systemd-boot, grub, extlinux or none" ;;
 esac
 
-if [ -d "$root" ]; then
+if [ -n "$prefilled" ]; then
+    [ "$fs" = ext4 ] || usage_error "--prefilled: the prefilled root is ext4 (not --fs $fs)"
+    root_kind=prefilled
+elif [ -d "$root" ]; then
     root_kind=dir
 elif [ -f "$root" ] || [ -b "$root" ]; then
     magic=$(head -c 6 "$root" | od -An -tx1 | tr -d ' \n')
@@ -196,8 +247,11 @@ elif [ -f "$root" ] || [ -b "$root" ]; then
 else
     die "ROOT $root does not exist"
 fi
-[ "$root_kind" = tar ] || [ "$root_kind" = dir ] || command -v "$root_kind" >/dev/null ||
-    die "$root_kind is not in the helper image: decompress ROOT first, or helper-run --with $root_kind"
+case $root_kind in
+tar | dir | prefilled) ;;
+*) command -v "$root_kind" >/dev/null ||
+    die "$root_kind is not in the helper image: decompress ROOT first, or helper-run --with $root_kind" ;;
+esac
 
 mkfs_prog=mkfs.$fs
 command -v "$mkfs_prog" >/dev/null ||
@@ -219,12 +273,32 @@ part() {  # partition N of the disk: vda1, loop0p1, nvme0n1p1
     case $dev in *[0-9]) echo "${dev}p$1" ;; *) echo "$dev$1" ;; esac
 }
 
-root_uuid=$(uuid)
 esp_id=$(hex8 | tr a-f A-F)
-step "partitioning $dev ($table)"
 touched=1
 if [ "$table" = gpt ]; then
-    root_partuuid=$(uuid)
+    esp_dev=$(part 1)
+    root_dev=$(part 2)
+else
+    esp_dev=
+    root_dev=$(part 1)
+fi
+if [ -n "$prefilled" ]; then
+    # The host wrote the table and the root. Their identifiers come with the options
+    # (each program run costs time under TCG), else from the disk.
+    step "using the partition table and root filesystem made on the host"
+    if [ -z "$root_partuuid" ] && [ "$table" = gpt ]; then
+        root_partuuid=$(sfdisk --part-uuid "$dev" 2 | tr A-F a-f)
+    elif [ -z "$root_partuuid" ]; then
+        disk_id=$(sfdisk --disk-id "$dev")
+        root_partuuid=${disk_id#0x}-01
+    fi
+    [ -n "$root_partuuid" ] || die "--prefilled: $device has no $table partition table"
+    [ -n "$root_uuid" ] || root_uuid=$(blkid -p -s UUID -o value "$root_dev") ||
+        die "--prefilled: no filesystem on $root_dev"
+elif [ "$table" = gpt ]; then
+    step "partitioning $dev ($table)"
+    [ -n "$root_uuid" ] || root_uuid=$(uuid)
+    [ -n "$root_partuuid" ] || root_partuuid=$(uuid)
     # Root type: "Linux root (x86-64)" of the Discoverable Partitions Specification.
     sfdisk -q --wipe always "$dev" <<EOF
 label: gpt
@@ -232,18 +306,16 @@ label-id: $(uuid)
 size=$esp_size, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, uuid=$(uuid), name="esp"
 type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, uuid=$root_partuuid, name="root"
 EOF
-    esp_dev=$(part 1)
-    root_dev=$(part 2)
 else
-    disk_id=$(hex8)
-    root_partuuid=$disk_id-01
+    step "partitioning $dev ($table)"
+    [ -n "$root_uuid" ] || root_uuid=$(uuid)
+    [ -n "$root_partuuid" ] || root_partuuid=$(hex8)-01
+    disk_id=${root_partuuid%-01}
     sfdisk -q --wipe always "$dev" <<EOF
 label: dos
 label-id: 0x$disk_id
 type=83, bootable
 EOF
-    esp_dev=
-    root_dev=$(part 1)
 fi
 
 # devtmpfs makes the partition nodes when the kernel re-reads the table.
@@ -259,16 +331,17 @@ step "making the filesystems"
 if [ -n "$esp_dev" ]; then
     mkfs.vfat -F 32 -n ESP -i "$esp_id" "$esp_dev" >/dev/null
 fi
-case $fs in
-ext4)
+case $root_kind-$fs in
+prefilled-*) ;;
+*-ext4)
     ext4_opts=
     # extlinux (syslinux 6.04) reads ext4 only without the 64bit feature.
     [ "$bootloader" = extlinux ] && ext4_opts="-O ^64bit"
     # shellcheck disable=SC2086
     mkfs.ext4 -q -F -L "$label" -U "$root_uuid" $ext4_opts "$root_dev"
     ;;
-xfs) mkfs.xfs -q -f -L "$label" -m uuid="$root_uuid" "$root_dev" ;;
-btrfs) mkfs.btrfs -q -f -L "$label" -U "$root_uuid" "$root_dev" >/dev/null ;;
+*-xfs) mkfs.xfs -q -f -L "$label" -m uuid="$root_uuid" "$root_dev" ;;
+*-btrfs) mkfs.btrfs -q -f -L "$label" -U "$root_uuid" "$root_dev" >/dev/null ;;
 esac
 
 mkdir -p "$mnt"
@@ -280,8 +353,9 @@ if tar --version 2>/dev/null | grep -q GNU; then
     # Numeric ids (the guest has no passwd), and file capabilities (ping) kept.
     tar_opts="-p --numeric-owner --xattrs --xattrs-include=*"
 fi
-step "filling the $fs root from $root ($root_kind)"
+[ -n "$prefilled" ] || step "filling the $fs root from $root ($root_kind)"
 case $root_kind in
+prefilled) ;;
 dir) cp -a "$root/." "$mnt/" ;;
 tar)
     # shellcheck disable=SC2086
@@ -346,7 +420,7 @@ if [ "$bootloader" = efi-auto ]; then
     fi
 fi
 
-if [ -n "$esp_dev" ]; then
+if [ -n "$esp_dev" ] && [ "$bootloader" != none ]; then
     esp_mnt=$mnt/boot/efi
     mkdir -p "$esp_mnt"
     mount -t vfat "$esp_dev" "$esp_mnt"

@@ -8,9 +8,12 @@ prints. Shared by tests/test_recipes.py, scripts/demo.py and bench/bench_mkimage
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -155,3 +158,47 @@ def boot(image: Path, firmware: str, log: Path, timeout: float = 600,
 def marker_lines(console: str) -> list[str]:
     return [line[line.index(MARKER):].strip() for line in console.splitlines()
             if MARKER in line and "echo" not in line]
+
+
+@contextlib.contextmanager
+def loop_mounted(fs_image: Path, mountpoint: Path, readonly: bool = True):
+    """A filesystem image loop-mounted for the test (tests run as root on the host)."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    opts = "loop,ro" if readonly else "loop"
+    run(["mount", "-o", opts, str(fs_image), str(mountpoint)], check=True)
+    try:
+        yield mountpoint
+    finally:
+        run(["umount", str(mountpoint)], check=False)
+
+
+def tree_listing(top: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple]:
+    """Everything a root filesystem must keep of each entry below ``top``: type and
+    mode, owners, size, mtime (seconds), link target, device numbers, xattrs, a
+    content hash, and for hard links the first name of the inode."""
+    found: dict[str, tuple] = {}
+    groups: dict[int, list[str]] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in [*dirnames, *filenames]:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(top))
+            if rel.split("/")[0] in skip:
+                continue
+            st = os.lstat(path)
+            xattrs = tuple(sorted((a, os.getxattr(path, a, follow_symlinks=False))
+                                  for a in os.listxattr(path, follow_symlinks=False)))
+            digest = ""
+            if stat.S_ISREG(st.st_mode):
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                groups.setdefault(st.st_ino, []).append(rel)
+            link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else ""
+            size = 0 if stat.S_ISDIR(st.st_mode) else st.st_size
+            found[rel] = (st.st_mode, st.st_uid, st.st_gid, size, int(st.st_mtime), link,
+                          st.st_rdev, xattrs, digest, st.st_ino)
+    for names in groups.values():
+        for rel in names:
+            found[rel] = (*found[rel][:-1], min(names))
+    for rel, value in found.items():
+        if isinstance(value[-1], int):
+            found[rel] = (*value[:-1], "")
+    return found

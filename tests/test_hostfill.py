@@ -1,0 +1,206 @@
+"""The host fill of ``--recipe mkimage``: a tarball's root tree written into ext4 on the
+host by the build user (hshelper.tarfs, hshelper.ext4fill, plugins/mkimage.py).
+
+The proof is a comparison with the guest's way: GNU tar run as root into a fresh ext4
+(what mkimage.sh does in the VM), both filesystems loop-mounted on the host and walked
+entry by entry. The fill itself runs unprivileged in the bookworm build root."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tarfile
+import uuid
+from pathlib import Path
+
+import chroot
+import imagecheck
+import pytest
+from hshelper.plugins import mkimage
+
+from hshelper import tarfs
+
+CAPABILITY = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_raw+ep
+
+
+def _member(tf: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE,
+            mode: int = 0o644, uid: int = 0, gid: int = 0, data: bytes = b"",
+            **extra) -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.uid, info.gid = kind, mode, uid, gid
+    info.mtime = 1_700_000_000 + len(tf.getnames())
+    for key, value in extra.items():
+        setattr(info, key, value)
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    tf.addfile(info, io.BytesIO(data) if data else None)
+
+
+def crafted_tarball(path: Path, acl: bool = False) -> Path:
+    """Every kind of entry a root tarball has, with the metadata an unprivileged
+    unpack loses: foreign and large owners, setuid, unreadable modes, device nodes,
+    a FIFO, a capability xattr, hard and symbolic links, quotes in a name, implicit
+    parent directories, and a member given twice."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        _member(tf, "./", tarfile.DIRTYPE, 0o755)
+        _member(tf, "./etc", tarfile.DIRTYPE, 0o755)
+        _member(tf, "./etc/shadow", mode=0o640, gid=42, data=b"root:*:1::::::\n")
+        _member(tf, "./usr/bin/su", mode=0o4755, data=b"\x7fELF pretend\n")  # implicit parents
+        _member(tf, "./usr/bin/su-again", tarfile.LNKTYPE, linkname="./usr/bin/su")
+        _member(tf, "./usr/bin/ping", mode=0o755, data=b"ping\n", pax_headers={
+            "SCHILY.xattr.security.capability": CAPABILITY.decode("utf-8",
+                                                                  "surrogateescape")})
+        _member(tf, "./usr/lib", tarfile.DIRTYPE, 0o755)
+        _member(tf, "./lib", tarfile.SYMTYPE, 0o777, linkname="usr/lib")
+        _member(tf, './home/odd "quoted" name', mode=0o600, uid=1000, gid=1000, data=b"q\n")
+        _member(tf, "./secret", mode=0o000, data=b"nobody reads me\n")
+        _member(tf, "./ro", tarfile.DIRTYPE, 0o555)
+        _member(tf, "./ro/inside", mode=0o444, data=b"inside\n")
+        _member(tf, "./big", tarfile.DIRTYPE, 0o700, uid=70000, gid=80000)
+        _member(tf, "./big/file", mode=0o2750, uid=70000, gid=80000, data=b"big\n")
+        _member(tf, "./dev", tarfile.DIRTYPE, 0o755)
+        _member(tf, "./dev/null", tarfile.CHRTYPE, 0o666, devmajor=1, devminor=3)
+        _member(tf, "./dev/loop0", tarfile.BLKTYPE, 0o660, gid=6, devmajor=7, devminor=0)
+        _member(tf, "./run", tarfile.DIRTYPE, 0o755)
+        _member(tf, "./run/initctl", tarfile.FIFOTYPE, 0o600)
+        _member(tf, "./dup", data=b"old\n")
+        _member(tf, "./dup", mode=0o600, data=b"new\n")
+        if acl:
+            _member(tf, "./acl", data=b"acl\n", pax_headers={
+                "SCHILY.acl.access": "user::rw-,user:1000:r--,group::r--,mask::r--,other::---"})
+    os.chown(path, chroot.BUILD_UID, chroot.BUILD_UID)
+    return path
+
+
+def reference_fs(tarball: Path, image: Path, mnt: Path) -> None:
+    """What the guest does: mkfs.ext4 and GNU tar as root."""
+    subprocess.run(["truncate", "-s", "64M", str(image)], check=True)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", str(image)], check=True)
+    with imagecheck.loop_mounted(image, mnt, readonly=False):
+        subprocess.run(["tar", "-p", "--numeric-owner", "--xattrs", "--xattrs-include=*",
+                        "-xf", str(tarball), "-C", str(mnt)], check=True)
+
+
+def host_fill_in_root(root: Path, guest_dir: str, tarball: str, image: str) -> str:
+    """ext4fill.fill run by the build user inside the build root; its stdout."""
+    code = ("import sys, uuid; sys.path.insert(0, '/opt/hshelper')\n"
+            "from pathlib import Path\nfrom hshelper import ext4fill\n"
+            f"img = Path({image!r})\n"
+            "with open(img, 'wb') as fh: fh.truncate(64 << 20)\n"
+            "fs = ext4fill.Ext4(img, 0, 64 << 20, 'root', str(uuid.uuid4()))\n"
+            f"print(ext4fill.fill(Path({tarball!r}), fs, img.parent))\n")
+    proc = chroot.run(root, ["python3", "-c", code], cwd=guest_dir)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode()
+
+
+# ------------------------------------------------------------------ pure functions
+
+
+def test_normalize_member_names():
+    assert tarfs.normalize("./usr/bin/") == "usr/bin"
+    assert tarfs.normalize("/etc//passwd") == "etc/passwd"
+    assert tarfs.normalize("./") == ""
+    with pytest.raises(tarfs.UnsafeMember):
+        tarfs.normalize("usr/../../etc/passwd")
+
+
+def test_unsupported_entries():
+    seen = {"": tarfs.Entry("", "dir", 0o755, 0, 0, 0.0),
+            "lib": tarfs.Entry("lib", "symlink", 0o777, 0, 0, 0.0, "usr/lib"),
+            "dev/null": tarfs.Entry("dev/null", "chr", 0o666, 0, 0, 0.0, "", 1, 3)}
+    plain = tarfs.Entry("etc/passwd", "file", 0o644, 0, 0, 0.0)
+    assert tarfs.unsupported(plain, seen) is None
+    through_link = tarfs.Entry("lib/x.so", "file", 0o644, 0, 0, 0.0)
+    assert "symlink" in tarfs.unsupported(through_link, seen)
+    link_to_dev = tarfs.Entry("dev/zero", "hardlink", 0, 0, 0, 0.0, "dev/null")
+    assert "chr" in tarfs.unsupported(link_to_dev, seen)
+    acl = tarfs.Entry("a", "file", 0o644, 0, 0, 0.0, acl=True)
+    assert "ACL" in tarfs.unsupported(acl, seen)
+    newline = tarfs.Entry("a\nb", "file", 0o644, 0, 0, 0.0)
+    assert "newline" in tarfs.unsupported(newline, seen)
+
+
+def test_debugfs_script_writes_only_what_differs():
+    entries = [
+        tarfs.Entry("", "dir", 0o755, 0, 0, 0.0),
+        tarfs.Entry("mine", "file", 0o644, 65534, 65534, 0.0),
+        tarfs.Entry('a "b"', "file", 0o4755, 0, 0, 0.0),  # the host keeps setuid
+        tarfs.Entry("secret", "file", 0o000, 0, 0, 0.0),  # the host keeps it readable
+        tarfs.Entry("dev/null", "chr", 0o666, 0, 0, 5.0, "", 1, 3),
+        tarfs.Entry("bin/ping", "file", 0o755, 0, 0, 0.0, xattrs=(("security.capability",
+                                                                    b"x"),)),
+        tarfs.Entry("bin/ping6", "hardlink", 0o755, 0, 0, 0.0, "bin/ping"),
+    ]
+    script = tarfs.debugfs_script(entries, {("bin/ping", "security.capability"): "/v/0"},
+                                  (65534, 65534)).splitlines()
+    assert script[:4] == ["cd /", "sif / uid 0", "sif / gid 0", "sif / mode 040755"]
+    assert not any('"mine"' in line for line in script)  # owner and mode already right
+    assert 'sif "a ""b""" uid 0' in script
+    assert not any(line.startswith('sif "a ""b""" mode') for line in script)
+    assert 'sif "secret" mode 0100000' in script
+    assert script[script.index('cd "/dev"') + 1] == 'mknod "null" c 1 3'
+    assert 'sif "null" mode 020666' in script
+    assert 'ea_set -f "/v/0" "ping" "security.capability"' in script
+    assert not any("ping6" in line for line in script)
+
+
+def test_parse_job_and_partition_scripts():
+    job = mkimage.parse_job("mkimage", ["--esp-size", "100MiB", "--sha256", "root.tar",
+                                        "disk.img"])
+    assert (job.root, job.output, job.table, job.root_index) == ("root.tar", "disk.img",
+                                                                 "gpt", 3)
+    assert mkimage.parse_job("mkimage", ["--help"]) is None
+    assert mkimage.parse_job("mkimage", ["--frobnicate", "r", "o"]) is None
+    assert mkimage.parse_job("mkimage", ["root.tar"]) is None
+    mbr = mkimage.parse_job("mkimage-mbr", ["--root-partuuid", "0badcafe-01", "r", "o"])
+    assert mbr.table == "mbr" and mbr.extlinux
+    uuid_, partuuid = mkimage.identifiers(mbr)
+    assert partuuid == "0badcafe-01" and uuid.UUID(uuid_)
+    assert "label-id: 0x0badcafe\ntype=83, bootable\n" in mkimage.sfdisk_script(
+        "mbr", "", partuuid)
+    gpt = mkimage.sfdisk_script("gpt", "100MiB", "5b5c0d3e-0000-4000-8000-000000000001")
+    assert "size=100MiB" in gpt and "uuid=5b5c0d3e-0000-4000-8000-000000000001" in gpt
+
+
+# ------------------------------------------------------------------ real tools
+
+
+@pytest.mark.slow
+def test_host_fill_matches_gnu_tar_as_root(root, tmp_path):
+    """Unprivileged fill == root's GNU tar, entry by entry; fsck clean; no leftovers."""
+    guest = chroot.fresh_dir(root, "hostfill")
+    host = root / guest.lstrip("/")
+    tarball = crafted_tarball(host / "root.tar")
+    out = host_fill_in_root(root, guest, "root.tar", "fill.img")
+    assert "entries of" in out
+    assert sorted(p.name for p in host.iterdir()) == ["fill.img", "root.tar"]
+    assert imagecheck.fsck(host / "fill.img", "ext4").returncode == 0
+    reference_fs(tarball, tmp_path / "ref.img", tmp_path / "ref")
+    with imagecheck.loop_mounted(host / "fill.img", tmp_path / "a") as a, \
+            imagecheck.loop_mounted(tmp_path / "ref.img", tmp_path / "b") as b:
+        ours, theirs = imagecheck.tree_listing(a), imagecheck.tree_listing(b)
+        # Parents no member names get the time they were made: not comparable.
+        for implicit in ("usr", "usr/bin", "home"):
+            ours[implicit] = ours[implicit][:4] + ours[implicit][5:]
+            theirs[implicit] = theirs[implicit][:4] + theirs[implicit][5:]
+        for lost in (ours.pop("lost+found"), theirs.pop("lost+found")):
+            assert lost[:3] == (0o40700, 0, 0)
+        assert ours == theirs
+        assert ours["usr/bin/ping"][7] == (("security.capability", CAPABILITY),)
+        assert ours["big/file"][1:3] == (70000, 80000)
+        assert (os.stat(a).st_uid, os.stat(a).st_mode) == (0, 0o40755)
+
+
+@pytest.mark.slow
+def test_host_fill_refuses_acls_before_writing(root):
+    guest = chroot.fresh_dir(root, "hostfill-acl")
+    host = root / guest.lstrip("/")
+    crafted_tarball(host / "root.tar", acl=True)
+    code = ("import sys; sys.path.insert(0, '/opt/hshelper')\n"
+            "from pathlib import Path\nfrom hshelper import ext4fill\n"
+            "try:\n    ext4fill.scan(Path('root.tar'), 'tar')\n"
+            "except ext4fill.Unsupported as err:\n    print('unsupported:', err)\n")
+    proc = chroot.run(root, ["python3", "-c", code], cwd=guest)
+    assert proc.stdout.decode() == "unsupported: acl: POSIX ACLs\n", proc.stderr.decode()
+    assert sorted(p.name for p in host.iterdir()) == ["root.tar"]
