@@ -6,8 +6,10 @@ The job: a 1 GiB raw image, GPT, a 100 MiB FAT32 ESP, an ext4 root filled from a
 tree (the target-bookworm test root without kernel modules, /boot, GRUB and the shared
 libraries: about 100 MB in 5300 entries), given as a plain tarball.
 
-  hshelper   ``helper-run --recipe mkimage`` as uid 65534 in the bookworm build root, the
-             tarball attached as a read-only disk (the recipe's fast way in), under TCG
+  hshelper   ``helper-run --recipe mkimage --size 1G tree.tar out.img`` as uid 65534 in
+             the bookworm build root, under TCG: the default, where the partition table
+             and the ext4 root are written on the host while the VM boots, and the
+             VM makes the ESP and the fstab
   floor      the hand-rolled pipeline on the host, no VM: truncate, sfdisk on the file,
              mkfs.vfat --offset and mtools for the ESP, mke2fs -d -E offset for the root
              (from the tree extracted beforehand, not timed; run unprivileged it would
@@ -15,7 +17,9 @@ libraries: about 100 MB in 5300 entries), given as a plain tarball.
   vm floor   the same kernel booted raw by qemu (TCG) with a tiny busybox initrd that
              powers off at once (bench/bench.py's floor)
   guestfish  libguestfs doing the same job (part-init, mkfs, tar-in), where installed
-  --inputs   also hshelper with ROOT as the tarball over 9p and as a directory over 9p
+  --inputs   also the root filled in the VM (--guest-fill: the tarball attached as a
+             read-only disk, the fastest way in), and the recipe run by path with ROOT
+             as the tarball over 9p and as a directory over 9p
 
 Target (issue 5): hshelper <= vm floor + 2 x floor, and >= 5x faster than guestfish.
 Rounds alternate the candidates; medians are reported. The machines here are noisy and
@@ -46,7 +50,7 @@ import imagecheck  # noqa: E402
 EXCLUDE = ("./usr/lib/modules", "./boot", "./usr/lib/grub", "./usr/lib/x86_64-linux-gnu",
            "./.hshelper-root-done")
 WORK = "/home/builder/bench-mkimage"
-RECIPE = ["--recipe", "mkimage", "--esp-size", "100MiB", "--bootloader", "none"]
+OPTIONS = ["--esp-size", "100MiB", "--bootloader", "none"]
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 
 
@@ -75,23 +79,28 @@ def make_inputs(root: Path, target: Path) -> Path:
         (host / "tree").mkdir()
         subprocess.run(["tar", "--numeric-owner", "-xpf", str(host / "tree.tar"), "-C",
                         str(host / "tree")], check=True)
+    # The recipes by path, for the 9p variants (--recipe would attach ROOT as a disk).
+    shutil.rmtree(host / "recipes", ignore_errors=True)
+    shutil.copytree(chroot.SRC / "recipes", host / "recipes",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.py"))
     # Readable by the build user over 9p (the 9p-dir variant); owners do not matter here.
     subprocess.run(["chown", "-R", f"{chroot.BUILD_UID}:{chroot.BUILD_UID}", str(host)],
                    check=True)
     return host
 
 
-def hshelper_job(root: Path, host: Path, source: str) -> Callable[[], None]:
-    disks = {"disk": ["--disk", "tree.tar,ro,name=src"], "9p-tar": [], "9p-dir": []}[source]
-    rootarg = {"disk": "/dev/disk/hshelper/src", "9p-tar": "tree.tar", "9p-dir": "tree"}[source]
+def hshelper_job(root: Path, host: Path, variant: str) -> Callable[[], None]:
+    by_name = ["--recipe", "mkimage", "--size", "1G", *OPTIONS, "tree.tar", "out.img"]
+    by_path = ["--disk", "out.img.part,size=1G,name=out", "recipes/mkimage.sh", *OPTIONS]
+    argv = {"host-fill": by_name, "guest-fill": ["--guest-fill", *by_name],
+            "9p-tar": [*by_path, "tree.tar", "out.img"],
+            "9p-dir": [*by_path, "tree", "out.img"]}[variant]
 
     def run() -> None:
         (host / "out.img").unlink(missing_ok=True)
-        proc = chroot.run(root, ["helper-run", "-q", *disks,
-                                 "--disk", "out.img.part,size=1G,name=out", *RECIPE,
-                                 rootarg, "out.img"], cwd=WORK, timeout=1800)
+        proc = chroot.run(root, ["helper-run", "-q", *argv], cwd=WORK, timeout=1800)
         if proc.returncode != 0 or not (host / "out.img").exists():
-            raise SystemExit(f"bench: helper-run failed ({source}): {proc.stderr.decode()}")
+            raise SystemExit(f"bench: helper-run failed ({variant}): {proc.stderr.decode()}")
     return run
 
 
@@ -183,10 +192,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="hshelper-bench-") as tmp_name, \
             chroot.proc_mounted(root):
         tmp = Path(tmp_name)
-        jobs["hshelper"] = hshelper_job(root, host, "disk")
+        jobs["hshelper"] = hshelper_job(root, host, "host-fill")
         if args.inputs:
-            jobs["hshelper 9p-tar"] = hshelper_job(root, host, "9p-tar")
-            jobs["hshelper 9p-dir"] = hshelper_job(root, host, "9p-dir")
+            for variant in ("guest-fill", "9p-tar", "9p-dir"):
+                jobs[f"hshelper {variant}"] = hshelper_job(root, host, variant)
         jobs["floor"] = handrolled_job(host / "tree", tmp / "floor.img")
         jobs["vm floor"] = vm_floor_job(root, tmp)
         gf = None if args.no_guestfish else guestfish_job(root, host / "tree.tar",
@@ -219,8 +228,11 @@ def main() -> int:
               f"{'met' if speedup >= 5 else 'NOT met'})")
     for name in ("hshelper 9p-tar", "hshelper 9p-dir"):
         if name in med:
-            print(f"{name} / hshelper (tarball as a disk) = "
-                  f"{med[name] / med['hshelper']:.2f}x")
+            print(f"{name} / hshelper guest-fill (tarball as a disk) = "
+                  f"{med[name] / med['hshelper guest-fill']:.2f}x")
+    if "hshelper guest-fill" in med:
+        print(f"hshelper guest-fill / hshelper (host fill) = "
+              f"{med['hshelper guest-fill'] / med['hshelper']:.2f}x")
     return 0
 
 

@@ -269,8 +269,10 @@ def hshelper_run_spec(spec, config, args):
     if out is None or out.path != (cwd / f"{job.output}.part").absolute():
         return None  # the recipe says what to attach
     disks = spec.disks if not made else (*spec.disks, out)
+    # ROOT under /dev/ is a disk in the guest (--disk ...,name=src): nothing to fill from.
     want = (config.get("mkimage", "host_fill") and not getattr(args, "guest_fill", False)
-            and job.get("--fs", "ext4") == "ext4" and out.format == "raw")
+            and job.get("--fs", "ext4") == "ext4" and out.format == "raw"
+            and not job.root.startswith("/dev/"))
     if want:
         # The guest can wait for a fill running alongside its boot when it sees the
         # working directory (the markers are there).

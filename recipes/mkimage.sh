@@ -350,8 +350,8 @@ mount -t "$fs" "$root_dev" "$mnt"
 # ---------------------------------------------------------------- the root tree
 tar_opts=-p
 if tar --version 2>/dev/null | grep -q GNU; then
-    # Numeric ids (the guest has no passwd), and file capabilities (ping) kept.
-    tar_opts="-p --numeric-owner --xattrs --xattrs-include=*"
+    # Numeric ids (the guest has no passwd); file capabilities (ping) and ACLs kept.
+    tar_opts="-p --numeric-owner --xattrs --xattrs-include=* --acls"
 fi
 [ -n "$prefilled" ] || step "filling the $fs root from $root ($root_kind)"
 case $root_kind in

@@ -351,3 +351,110 @@ def test_recipe_names_only(tmp_path):
         assert err.value.status == 2
     with pytest.raises(HshelperError):
         plugin.install_code({"x.sh": f"echo\n{plugin.EOF_WORD}\nrm -rf /\n"})
+
+
+# ------------------------------------------------------------------ the host fill
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+def test_recipe_by_name_fills_the_root_on_the_host_and_boots(root, target_tar, tmp_path):
+    """--recipe mkimage --size: OUTPUT.part attached by hshelper, the root written on
+    the host while the VM boots, entry for entry what root's GNU tar makes of the same
+    tarball; the image boots with UEFI."""
+    guest, host = workdir(root, "mkimage-hostfill")
+    proc = helper_run(root, "-v", "--recipe", "mkimage", "--size", "1G", "--append",
+                      MARKER_APPEND, target_tar, "disk.img", cwd=guest)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert "hshelper: mkimage: root filled on the host in" in err
+    assert "using the partition table and root filesystem made on the host" in err
+    assert leftovers(host) == ["disk.img"]  # no OUTPUT.part, no markers
+    image = host / "disk.img"
+    assert image.stat().st_uid == chroot.BUILD_UID and image.stat().st_size == 2**30
+    found = check_esp_and_root(image, tmp_path)
+    tar_path = root / target_tar.lstrip("/")
+    ref = tmp_path / "ref.img"
+    subprocess.run(["truncate", "-s", "2G", str(ref)], check=True)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", str(ref)], check=True)
+    with imagecheck.loop_mounted(ref, tmp_path / "ref", readonly=False) as mnt:
+        subprocess.run(["tar", "-p", "--numeric-owner", "--xattrs", "--xattrs-include=*",
+                        "-xf", str(tar_path), "-C", str(mnt)], check=True)
+    with imagecheck.loop_mounted(found["root"], tmp_path / "a") as a, \
+            imagecheck.loop_mounted(ref, tmp_path / "b") as b:
+        # The recipe's own changes (fstab, the ESP's mount point) and mkfs's lost+found.
+        skip = ("lost+found",)
+        ours = imagecheck.tree_listing(a, skip)
+        theirs = imagecheck.tree_listing(b, skip)
+        for listing in (ours, theirs):
+            listing.pop("etc/fstab", None)
+            listing.pop("boot/efi", None)
+            listing.pop("boot", None)  # its mtime: the recipe made boot/efi in it
+            listing.pop("etc", None)  # and wrote fstab
+            # The marker is appended to the tarball after its directory's members: GNU
+            # tar stamps such a directory with the time of extraction, the host fill
+            # keeps the tarball's time. Everything else of it must match.
+            sbin = listing["usr/local/sbin"]
+            listing["usr/local/sbin"] = sbin[:4] + sbin[5:]
+        assert len(ours) > 5000
+        assert ours == theirs
+    rootp = found["layout"].partitions[1]
+    check_boot(image, "uefi", tmp_path / "console.log", rootp.uuid.lower())
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+def test_host_fill_falls_back_to_the_guest_for_acls(root, tmp_path):
+    """A tarball with POSIX ACLs: one line says why, GNU tar in the guest does it."""
+    import test_hostfill
+    guest, host = workdir(root, "mkimage-acl")
+    test_hostfill.crafted_tarball(host / "root.tar", acl=True)
+    proc = helper_run(root, "--recipe", "mkimage", "--size", "128M", "--esp-size",
+                      "40MiB", "--bootloader", "none", "root.tar", "small.img", cwd=guest)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert "hshelper: mkimage: filling the root in the VM: acl: POSIX ACLs" in err
+    assert "filling the ext4 root from /dev/disk/hshelper/src (tar)" in err
+    assert leftovers(host) == ["root.tar", "small.img"]
+    root_img = imagecheck.extract(host / "small.img",
+                                  imagecheck.layout(host / "small.img").partitions[1],
+                                  tmp_path / "root.img")
+    assert imagecheck.fsck(root_img, "ext4").returncode == 0
+    with imagecheck.loop_mounted(root_img, tmp_path / "m") as mnt:
+        assert b"user:1000:r--" in subprocess.run(
+            ["getfacl", "-n", str(mnt / "acl")], capture_output=True).stdout
+        assert os.stat(mnt / "usr/bin/su").st_mode == 0o104755
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+def test_host_fill_failures_leave_nothing(root):
+    """A tarball cut short fails before the VM starts (exit 1); a root too large for
+    its partition fails in mke2fs while the VM boots (exit 125). Both say why, and
+    leave no image, part file, marker or unpacked tree."""
+    guest, host = workdir(root, "mkimage-fail")
+    tree = host / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/hostname").write_text("big\n")
+    (tree / "big.bin").write_bytes(os.urandom(48 << 20))
+    subprocess.run(["tar", "-C", str(tree), "-cf", str(host / "big.tar"), "."], check=True)
+    shutil.rmtree(tree)
+    data = (host / "big.tar").read_bytes()
+    (host / "cut.tar").write_bytes(data[:len(data) // 2])
+    subprocess.run(["chown", "-R", f"{chroot.BUILD_UID}:{chroot.BUILD_UID}", str(host)],
+                   check=True)
+    shm_before = set(os.listdir("/dev/shm"))
+    common = ["--recipe", "mkimage", "--size", "64M", "--esp-size", "20MiB",
+              "--bootloader", "none"]
+    proc = helper_run(root, *common, "cut.tar", "disk.img", cwd=guest)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert "cannot read" in err and "cut.tar" in err
+    assert leftovers(host) == ["big.tar", "cut.tar"]
+    proc = helper_run(root, *common, "big.tar", "disk.img", cwd=guest)
+    err = proc.stderr.decode()
+    assert proc.returncode == 125, err
+    assert "hshelper: mkimage: filling the root on the host failed: making the root " \
+        "filesystem failed: " in err
+    assert leftovers(host) == ["big.tar", "cut.tar"]
+    assert set(os.listdir("/dev/shm")) == shm_before
