@@ -9,7 +9,9 @@ libraries: about 100 MB in 5300 entries), given as a plain tarball.
   hshelper   ``helper-run --recipe mkimage --size 1G tree.tar out.img`` as uid 65534 in
              the bookworm build root, under TCG: the default, where the partition table
              and the ext4 root are written on the host while the VM boots, and the
-             VM makes the ESP and the fstab
+             VM writes the fstab. The build root has a tmpfs on /dev/shm for the
+             unpacked tree, as mock and sbuild give one (without it the tree goes
+             beside the image, on this machine's disk: seconds slower, and noisy)
   floor      the hand-rolled pipeline on the host, no VM: truncate, sfdisk on the file,
              mkfs.vfat --offset and mtools for the ESP, mke2fs -d -E offset for the root
              (from the tree extracted beforehand, not timed; run unprivileged it would
@@ -190,7 +192,7 @@ def main() -> int:
     host = make_inputs(root, buildroots.ensure_root("target-bookworm"))
     jobs: dict[str, Callable[[], None]] = {}
     with tempfile.TemporaryDirectory(prefix="hshelper-bench-") as tmp_name, \
-            chroot.proc_mounted(root):
+            chroot.proc_mounted(root), chroot.shm_mounted(root):
         tmp = Path(tmp_name)
         jobs["hshelper"] = hshelper_job(root, host, "host-fill")
         if args.inputs:

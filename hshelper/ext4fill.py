@@ -256,7 +256,8 @@ def fill(source: Path, fs: Ext4, scratch: Path) -> str:
         return f"mke2fs -d {source}"
     # A compressed tarball is guessed to unpack to four times its size.
     need = source.stat().st_size * (1 if kind == "tar" else 4)
-    work = Path(tempfile.mkdtemp(prefix=".hshelper-fill-", dir=scratch_dir(need, scratch)))
+    where = scratch_dir(need, scratch)
+    work = Path(tempfile.mkdtemp(prefix=".hshelper-fill-", dir=where))
     try:
         tree, values = work / "tree", work / "values"
         tree.mkdir(mode=0o700)
@@ -270,7 +271,7 @@ def fill(source: Path, fs: Ext4, scratch: Path) -> str:
                           errors="surrogateescape")
         mke2fs(fs, tree)
         debugfs(fs, script)
-        return (f"{len(state.entries)} entries of {source} unpacked on the host, "
+        return (f"{len(state.entries)} entries of {source} unpacked in {where}, "
                 "mke2fs -d, owners and modes by debugfs")
     finally:
         shutil.rmtree(work, ignore_errors=True)

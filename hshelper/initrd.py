@@ -42,7 +42,8 @@ STANDARD_DIRS = ("/bin", "/sbin", "/lib", "/lib64", "/usr/bin", "/usr/sbin", "/u
 class PlanEntry:
     """One archive member before any file is read.
 
-    ``source`` is a host path to copy (``decompress``: a kernel module to unpack first),
+    ``source`` is a host path to copy (``decompress``: a kernel module to unpack first;
+    ``unsigned``: and to strip of its signature),
     ``data`` generated content, ``target`` a symlink target, ``rdev`` a device number.
     ``stamp`` identifies the source's current content cheaply (size, mtime_ns, inode).
     """
@@ -57,11 +58,12 @@ class PlanEntry:
     rdev: tuple[int, int] = (0, 0)
     decompress: bool = False
     stamp: tuple[int, ...] = ()
+    unsigned: bool = False
 
     def key_material(self) -> list:
         content = hashlib.sha256(self.data).hexdigest() if self.data is not None else None
         return [self.path, self.kind, self.mode, self.source, content, self.target,
-                list(self.rdev), self.decompress, list(self.stamp)]
+                list(self.rdev), self.decompress, list(self.stamp), self.unsigned]
 
 
 @dataclass(frozen=True)
@@ -345,6 +347,8 @@ def plan_image(host, sysroot: Sysroot, config,
         builder.from_root(path, "program")
 
     # Kernel modules, resolved and ordered on the host.
+    kconfig = sysroot.kernel_config(kernel)
+    unsigned = bool(kconfig) and kconfig.get("CONFIG_MODULE_SIG_FORCE") != "y"
     features: set[str] = set()
     module_names: tuple[str, ...] = ()
     if kernel.moddir:
@@ -362,7 +366,7 @@ def plan_image(host, sysroot: Sysroot, config,
             builder._parents(f"{MODULE_DIR}/{name}.ko", "module")
             builder._put(PlanEntry(f"{MODULE_DIR}/{name}.ko", "file", 0o644, f"module {rel}",
                                    source=str(source), decompress=True,
-                                   stamp=_stamp(os.stat(source))))
+                                   stamp=_stamp(os.stat(source)), unsigned=unsigned))
         builder.generated("/hshelper/modules.list",
                           "".join(f"{n}\n" for n in plan.boot).encode(), 0o644, "generated")
         builder.generated("/hshelper/modules.table",
@@ -373,7 +377,6 @@ def plan_image(host, sysroot: Sysroot, config,
         builder.generated(f"/hshelper/init.d/{number:02d}-{name}", code.encode(), 0o644,
                           f"init step {name}")
 
-    kconfig = sysroot.kernel_config(kernel)
     kernel_host = sysroot.resolve(kernel.image).host
     compression = choose_compression(config.get("image", "compression"), kconfig,
                                      _can_produce)
@@ -479,6 +482,8 @@ def archive_entries(plan: ImagePlan) -> list[cpio.Entry]:
         elif e.source is not None:
             source = Path(e.source)
             data = kmod.decompress_module(source) if e.decompress else source.read_bytes()
+            if e.unsigned:
+                data = kmod.strip_signature(data)
             out.append(cpio.regular(e.path, data, e.mode))
         else:
             out.append(cpio.regular(e.path, e.data or b"", e.mode))

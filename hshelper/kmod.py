@@ -513,6 +513,26 @@ def zstd_decompress(data: bytes) -> bytes:
                        hint="install zstd (needed for .ko.zst kernel modules)")
 
 
+SIGNATURE_MAGIC = b"~Module signature appended~\n"
+
+
+def strip_signature(ko: bytes) -> bytes:
+    """A module without its appended signature (unchanged when it has none).
+
+    The kernel hashes a signed module before it loads it: under TCG that is a third of
+    the load time of a large module (ext4: 0.48 s -> 0.31 s). The throwaway helper VM
+    gains nothing from the check; a kernel that enforces signatures
+    (CONFIG_MODULE_SIG_FORCE) keeps them. Layout: the module, the signature, a 12-byte
+    ``struct module_signature`` ending in the big-endian signature length, the magic.
+    """
+    if not ko.endswith(SIGNATURE_MAGIC):
+        return ko
+    end = len(ko) - len(SIGNATURE_MAGIC)
+    sig_len = int.from_bytes(ko[end - 4:end], "big")
+    start = end - 12 - sig_len
+    return ko[:start] if start > 0 else ko
+
+
 def decompress_module(path: Path) -> bytes:
     """A module file's plain ELF bytes, whatever its compression."""
     data = path.read_bytes()

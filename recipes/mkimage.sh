@@ -57,12 +57,14 @@ Options:
   --size SIZE          the image's size (K, M, G, T: powers of 1024). helper-run
                        --recipe mkimage attaches OUTPUT.part of this size itself; else
                        the attached disk must have it
-  --prefilled          the disk already holds the partition table and the populated
-                       ext4 root (helper-run --recipe mkimage does that natively on
-                       the host, which is much faster than in the VM): only the ESP,
-                       /etc/fstab and the bootloader are done here; ROOT is not read.
-                       --root-uuid and --root-partuuid then say what the disk has
-                       (else they are read from it)
+  --prefilled          the disk already holds the partition table, the populated
+                       ext4 root and, with --esp-id, the ESP's FAT32 filesystem
+                       (helper-run --recipe mkimage writes them natively on the
+                       host, much faster than the VM can): only /etc/fstab and the
+                       bootloader are done here; ROOT is not read. --root-uuid and
+                       --root-partuuid then say what the disk has (else they are
+                       read from it)
+  --esp-id ID          the ESP's FAT volume id (8 hex digits; default: random)
   -h, --help           show this help
 
 The root filesystem's /etc/fstab is replaced (root and ESP by UUID); the kernel finds
@@ -92,6 +94,7 @@ size=
 prefilled=
 root_uuid=
 root_partuuid=
+esp_id=
 root=
 output=
 
@@ -114,6 +117,7 @@ while [ "$#" -gt 0 ]; do
     --prefilled) prefilled=1 ;;
     --root-uuid) need_arg "$@"; root_uuid=$2; shift ;;
     --root-partuuid) need_arg "$@"; root_partuuid=$2; shift ;;
+    --esp-id) need_arg "$@"; esp_id=$2; shift ;;
     --) shift; break ;;
     -*) usage_error "unknown option $1" ;;
     *) break ;;
@@ -207,6 +211,8 @@ h4=$hex$hex$hex$hex
 uuid_glob="$h4$h4-$h4-$h4-$h4-$h4$h4$h4"
 # shellcheck disable=SC2254
 case $root_uuid in '' | $uuid_glob) ;; *) usage_error "--root-uuid: not a UUID: $root_uuid" ;; esac
+# shellcheck disable=SC2254
+case $esp_id in '' | $h4$h4) ;; *) usage_error "--esp-id: 8 hex digits, not $esp_id" ;; esac
 if [ -n "$root_partuuid" ]; then
     # shellcheck disable=SC2254
     case $table-$root_partuuid in
@@ -273,7 +279,9 @@ part() {  # partition N of the disk: vda1, loop0p1, nvme0n1p1
     case $dev in *[0-9]) echo "${dev}p$1" ;; *) echo "$dev$1" ;; esac
 }
 
-esp_id=$(hex8 | tr a-f A-F)
+# The ESP is prefilled when the host gave its id.
+esp_made=${prefilled:+$esp_id}
+if [ -n "$esp_id" ]; then esp_id=$(echo "$esp_id" | tr a-f A-F); else esp_id=$(hex8 | tr a-f A-F); fi
 touched=1
 if [ "$table" = gpt ]; then
     esp_dev=$(part 1)
@@ -328,7 +336,7 @@ done
 
 # ---------------------------------------------------------------- filesystems
 step "making the filesystems"
-if [ -n "$esp_dev" ]; then
+if [ -n "$esp_dev" ] && [ -z "$esp_made" ]; then
     mkfs.vfat -F 32 -n ESP -i "$esp_id" "$esp_dev" >/dev/null
 fi
 case $root_kind-$fs in

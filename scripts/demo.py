@@ -5,15 +5,16 @@ unprivileged user inside a build root, checked on the host, then booted.
 2. a small Debian system to put on the disk (mmdebstrap, cached): cloud kernel,
    initramfs, systemd-boot; as a tarball with a tiny init that prints a marker;
 3. inside the build root, as uid 65534:
-   helper-run --disk root.tar,ro,name=src --disk demo.img.part,size=1G,name=out \\
-       recipes/mkimage.sh --append init=/usr/local/sbin/marker /dev/disk/hshelper/src demo.img
+   helper-run --recipe mkimage --size 1G --append init=/usr/local/sbin/marker \\
+       root.tar demo.img
+   (the partition table and the ext4 root are written on the host while the VM boots;
+   the VM makes the ESP, the fstab and installs systemd-boot, as root);
 4. the image checked on the host: sfdisk -d, fsck -n of both filesystems, the files;
 5. the image booted with UEFI firmware (OVMF) under QEMU until the marker appears.
 """
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,10 +26,8 @@ import buildroots  # noqa: E402
 import chroot  # noqa: E402
 import imagecheck  # noqa: E402
 
-COMMAND = ["helper-run", "--disk", "root.tar,ro,name=src",
-           "--disk", "demo.img.part,size=1G,name=out",
-           "recipes/mkimage.sh", "--append", "init=/usr/local/sbin/marker",
-           "/dev/disk/hshelper/src", "demo.img"]
+COMMAND = ["helper-run", "--recipe", "mkimage", "--size", "1G",
+           "--append", "init=/usr/local/sbin/marker", "root.tar", "demo.img"]
 
 
 def step(text: str) -> None:
@@ -36,10 +35,8 @@ def step(text: str) -> None:
 
 
 def prepare(root: Path, work: str) -> Path:
-    """The build user's directory: the recipes (as in a source tree) and root.tar."""
+    """The build user's directory with root.tar in it."""
     host = root / work.lstrip("/")
-    shutil.copytree(chroot.SRC / "recipes", host / "recipes",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.py"))
     target = buildroots.ensure_root("target-bookworm")
     imagecheck.target_tarball(target, host / "root.tar")
     subprocess.run(["chown", "-R", f"{chroot.BUILD_UID}:{chroot.BUILD_UID}", str(host)],

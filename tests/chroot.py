@@ -63,6 +63,19 @@ def proc_mounted(root: Path):
         subprocess.run(["umount", "-l", str(proc)], check=False)
 
 
+@contextlib.contextmanager
+def shm_mounted(root: Path):
+    """A tmpfs on /dev/shm in the root for the duration, as mock and sbuild give one."""
+    shm = root / "dev/shm"
+    shm.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=1777,size=2g", "tmpfs", str(shm)],
+                   check=True)
+    try:
+        yield shm
+    finally:
+        subprocess.run(["umount", "-l", str(shm)], check=False)
+
+
 def run(root: Path, argv: list[str], cwd: str = HOME, uid: int = BUILD_UID,
         env: dict[str, str] | None = None, timeout: float = 300, capture: bool = True,
         **kwargs):

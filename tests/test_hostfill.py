@@ -155,10 +155,12 @@ def test_parse_job_and_partition_scripts():
     assert mkimage.parse_job("mkimage", ["root.tar"]) is None
     mbr = mkimage.parse_job("mkimage-mbr", ["--root-partuuid", "0badcafe-01", "r", "o"])
     assert mbr.table == "mbr" and mbr.extlinux
-    uuid_, partuuid = mkimage.identifiers(mbr)
-    assert partuuid == "0badcafe-01" and uuid.UUID(uuid_)
+    uuid_, partuuid, esp_id = mkimage.identifiers(mbr)
+    assert partuuid == "0badcafe-01" and uuid.UUID(uuid_) and len(esp_id) == 8
     assert "label-id: 0x0badcafe\ntype=83, bootable\n" in mkimage.sfdisk_script(
         "mbr", "", partuuid)
+    assert [mkimage.fat32_cluster_sectors(m << 20) for m in (100, 256, 512, 9000)] == \
+        [1, 1, 8, 16]
     gpt = mkimage.sfdisk_script("gpt", "100MiB", "5b5c0d3e-0000-4000-8000-000000000001")
     assert "size=100MiB" in gpt and "uuid=5b5c0d3e-0000-4000-8000-000000000001" in gpt
 

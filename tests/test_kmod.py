@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lzma
+import subprocess
 
 import pytest
 
@@ -74,3 +75,20 @@ def test_decompress_xz_module(tmp_path):
     ko = tmp_path / "m.ko.xz"
     ko.write_bytes(lzma.compress(b"\x7fELF payload", check=lzma.CHECK_CRC32))
     assert kmod.decompress_module(ko) == b"\x7fELF payload"
+
+
+def test_strip_signature_of_a_real_signed_module(bookworm, tmp_path):
+    """A module of the build root's kernel: signed on disk, the same ELF without the
+    signature (and the magic) after; an unsigned module is left alone."""
+    ko = next((bookworm / "usr/lib/modules").glob("*/kernel/lib/crc16.ko"))
+    data = ko.read_bytes()
+    assert data.endswith(kmod.SIGNATURE_MAGIC)
+    stripped = kmod.strip_signature(data)
+    assert stripped.startswith(b"\x7fELF") and not stripped.endswith(kmod.SIGNATURE_MAGIC)
+    assert kmod.SIGNATURE_MAGIC not in stripped
+    assert 256 < len(data) - len(stripped) < 4096  # a signature, not a chunk of code
+    (tmp_path / "crc16.ko").write_bytes(stripped)
+    proc = subprocess.run(["readelf", "-S", "-W", str(tmp_path / "crc16.ko")],
+                          capture_output=True)
+    assert proc.returncode == 0 and b".modinfo" in proc.stdout
+    assert kmod.strip_signature(stripped) == stripped
