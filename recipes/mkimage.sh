@@ -22,6 +22,10 @@ Build a bootable disk image from a root filesystem, as root in the hshelper VM:
   helper-run --disk root.tar,ro,name=src --disk disk.img.part,size=2G,name=out \
       recipes/mkimage.sh /dev/disk/hshelper/src disk.img
 
+or, from the installed package (the disk attached and the root filled on the host):
+
+  helper-run --recipe mkimage --size 2G root.tar disk.img
+
 ROOT    the root filesystem: a directory, a tar archive (plain, or compressed with
         gzip, xz, zstd or bzip2), or a block device holding a plain tar archive (a
         tarball attached with --disk root.tar,ro,name=src: the fastest way in).
