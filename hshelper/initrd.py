@@ -10,6 +10,7 @@ files, writes the archive and compresses it, under a temporary name renamed into
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import json
@@ -371,6 +372,16 @@ def plan_image(host, sysroot: Sysroot, config,
                           "".join(f"{n}\n" for n in plan.boot).encode(), 0o644, "generated")
         builder.generated("/hshelper/modules.table",
                           kmod.modprobe_table(tree, plan).encode(), 0o644, "generated")
+        # For busybox's modprobe, which loads a list of modules in one program start.
+        # Written where /lib leads (usr/lib in a merged-/usr image): the archive is
+        # unpacked in order, and usr/lib may come after lib/modules.
+        lib = builder.entries.get("/lib")
+        base = rootpath.normalize("/" + lib.target) if lib and lib.kind == "link" and \
+            lib.target else "/lib"
+        builder.directory(f"{base}/modules/{kernel.version}", "generated")
+        builder.generated(f"{base}/modules/{kernel.version}/modules.dep",
+                          kmod.flat_depfile(module_names, MODULE_DIR).encode(), 0o644,
+                          "generated")
     elif contents.modules:
         missing.append("all modules (the kernel has no module directory)")
     for number, (name, code) in enumerate(contents.init_steps):
@@ -406,11 +417,24 @@ def watch_stamp(path: str) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode]
 
 
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """The hshelper package's own code: a plan made by other code (a development
+    checkout, an upgrade without a version change) must not be reused."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    for path in sorted([*package.glob("*.py"), *package.glob("guest/*")]):
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def quick_key(sysroot: Sysroot, kernel: Kernel, contents: Contents, config) -> str:
-    """What decides the plan before anything is resolved: the hshelper version, the
-    root, the kernel file, the plugins' contributions and the image options."""
+    """What decides the plan before anything is resolved: the hshelper version and
+    code, the root, the kernel file, the plugins' contributions and the image options."""
     kernel_host = sysroot.resolve(kernel.image).host
-    material = [__version__, str(sysroot.root), repr(kernel), watch_stamp(str(kernel_host)),
+    material = [__version__, code_digest(), str(sysroot.root), repr(kernel),
+                watch_stamp(str(kernel_host)),
                 repr(contents), config.get("image", "compression"),
                 config.get("image", "program_budget_kb"), source_date_epoch(),
                 sorted(os.environ.get(k, "") for k in ("PATH",))]

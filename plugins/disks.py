@@ -3,7 +3,9 @@
 ``--disk PATH[,size=SIZE][,format=raw|qcow2][,name=NAME][,ro]``: a missing image is
 created (sparse raw, or qcow2 with qemu-img) when a size is given. In the guest the disk
 is ``/dev/disk/hshelper/NAME`` (made without udev from the virtio serial number) and its
-device path is in ``$HSHELPER_DISK_NAME`` (NAME upper-cased, '-' as '_'). Partitions
+device path is in ``$HSHELPER_DISK_NAME`` (NAME upper-cased, '-' as '_'), and for a raw
+image the file's own size in ``$HSHELPER_DISK_NAME_BYTES`` (the disk is padded to whole
+sectors: a compressed tarball attached as a disk is read with ``head -c``). Partitions
 appear as soon as sfdisk or parted re-read the table (devtmpfs makes the nodes).
 """
 
@@ -118,13 +120,23 @@ def hshelper_qemu_args(spec):
     return args
 
 
+def _bytes(disk: Disk) -> str:
+    """`` NAME_BYTES=N``: a raw image's size in bytes, as the host sees it now."""
+    if disk.format != "raw":
+        return ""
+    try:
+        return f" {env_name(disk)}_BYTES={disk.path.stat().st_size}"
+    except OSError:
+        return ""
+
+
 @hookimpl
 def hshelper_guest_setup(spec):
     if not spec.disks:
         return []
     # Shell only (no udev, no readlink): match each vdX's serial to a disk name.
     cases = "".join(
-        f'    {d.name}) hsh_guest_env="$hsh_guest_env {env_name(d)}=$hsh_dev" ;;\n'
+        f'    {d.name}) hsh_guest_env="$hsh_guest_env {env_name(d)}=$hsh_dev{_bytes(d)}" ;;\n'
         for d in spec.disks)
     code = ("/hshelper/modprobe virtio_blk\n"  # probing is synchronous: vdX exist after
             "mkdir -p /dev/disk/hshelper\n"

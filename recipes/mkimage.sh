@@ -27,8 +27,9 @@ or, from the installed package (the disk attached and the root filled on the hos
   helper-run --recipe mkimage --size 2G root.tar disk.img
 
 ROOT    the root filesystem: a directory, a tar archive (plain, or compressed with
-        gzip, xz, zstd or bzip2), or a block device holding a plain tar archive (a
-        tarball attached with --disk root.tar,ro,name=src: the fastest way in).
+        gzip, xz, zstd or bzip2), or a tarball attached as a disk (--disk
+        root.tar,ro,name=src, ROOT /dev/disk/hshelper/src: the fastest way in;
+        compressed ones too, as hshelper tells the guest their exact size).
 OUTPUT  the image's final path. The disk the image is built on (--device) must be
         attached from OUTPUT.part (--disk OUTPUT.part,size=SIZE,name=out; its size is
         the image's size). OUTPUT.part becomes OUTPUT only when everything succeeded,
@@ -99,6 +100,7 @@ prefilled=
 root_uuid=
 root_partuuid=
 esp_id=
+root_bytes=
 root=
 output=
 
@@ -251,8 +253,16 @@ elif [ -f "$root" ] || [ -b "$root" ]; then
         ;;
     esac
     if [ -b "$root" ] && [ "$root_kind" != tar ]; then
-        # A disk is padded to whole sectors, which compressed streams reject.
-        die "ROOT $root: a tarball passed as a disk must be a plain (uncompressed) tar"
+        # A disk is padded to whole sectors, which compressed streams reject: read the
+        # file's own bytes only, which hshelper gives for its disks.
+        case $root in
+        /dev/disk/hshelper/*)
+            var=HSHELPER_DISK_$(echo "${root##*/}" | tr 'a-z-' 'A-Z_')_BYTES
+            eval "root_bytes=\${$var:-}"
+            ;;
+        esac
+        [ -n "$root_bytes" ] ||
+            die "ROOT $root: a compressed tarball as a disk needs its size (attach it with helper-run --disk FILE,ro,name=NAME and give /dev/disk/hshelper/NAME), or give a plain tar"
     fi
 else
     die "ROOT $root does not exist"
@@ -376,8 +386,14 @@ tar)
 *)
     # POSIX sh has no pipefail: the decompressor's failure is recorded in a file.
     rc_file=$work/unpack.rc
-    # shellcheck disable=SC2086
-    { "$root_kind" -dc <"$root" || echo $? >"$rc_file"; } | tar $tar_opts -xf - -C "$mnt"
+    if [ -n "$root_bytes" ]; then
+        # shellcheck disable=SC2086
+        { head -c "$root_bytes" "$root" | "$root_kind" -dc || echo $? >"$rc_file"; } |
+            tar $tar_opts -xf - -C "$mnt"
+    else
+        # shellcheck disable=SC2086
+        { "$root_kind" -dc <"$root" || echo $? >"$rc_file"; } | tar $tar_opts -xf - -C "$mnt"
+    fi
     [ ! -s "$rc_file" ] || die "$root_kind could not decompress $root"
     ;;
 esac

@@ -458,3 +458,30 @@ def test_host_fill_failures_leave_nothing(root):
     assert "hshelper: mkimage: filling the root on the host failed: making the root " \
         "filesystem failed: " in err
     assert leftovers(host) == ["big.tar", "cut.tar"]
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+def test_compressed_tarball_attached_as_a_disk(root, tmp_path):
+    """A gzip tarball as a read-only disk: padded to whole sectors in the guest, read
+    for its own size only (HSHELPER_DISK_SRC_BYTES)."""
+    guest, host = workdir(root, "mkimage-gz-disk")
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/hostname").write_text("gz\n")
+    (tree / "usr/share").mkdir(parents=True)
+    (tree / "usr/share/note").write_text("x" * 1000 + "\n")
+    subprocess.run(["tar", "--owner=0", "--group=0", "-C", str(tree), "-czf",
+                    str(host / "root.tar.gz"), "."], check=True)
+    assert (host / "root.tar.gz").stat().st_size % 512  # really padded as a disk
+    subprocess.run(["chown", "-R", f"{chroot.BUILD_UID}:{chroot.BUILD_UID}", str(host)],
+                   check=True)
+    proc = helper_run(root, "--disk", "root.tar.gz,ro,name=src",
+                      "--disk", "small.img.part,size=128M,name=out",
+                      "recipes/mkimage.sh", "--esp-size", "40MiB", "--bootloader", "none",
+                      "/dev/disk/hshelper/src", "small.img", cwd=guest)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert "(gzip)" in proc.stderr.decode()
+    found = check_layout_only(host / "small.img", tmp_path)
+    assert imagecheck.ext_cat(found, "/etc/hostname") == "gz\n"
+    assert imagecheck.ext_cat(found, "/usr/share/note") == "x" * 1000 + "\n"
