@@ -126,7 +126,9 @@ def hshelper_run_spec(spec: RunSpec, config: Config,
     ``args`` is the parsed command line, so a plugin reads the options it added in
     ``hshelper_add_arguments``.
 
-    Called in plugin order; each receives the spec the previous one returned. Return a
+    Called last-registered first, as pluggy calls hooks (a local or third-party plugin
+    before the built-in ones; among those, ``recipes`` before ``disks`` before
+    ``mkimage``); each receives the spec the previous one returned. Return a
     new RunSpec (``dataclasses.replace``) or None to leave it as it is.
     """
 

@@ -135,14 +135,14 @@ def partitions(sfdisk_json: str) -> list[tuple[int, int]]:
     """(offset, size) in bytes of each partition in ``sfdisk -J`` output."""
     data = json.loads(sfdisk_json)["partitiontable"]
     sector = data.get("sectorsize", 512)
-    return [(p["start"] * sector, p["size"] * sector) for p in data["partitions"]]
+    return [(p["start"] * sector, p["size"] * sector) for p in data.get("partitions", [])]
 
 
 def _partition(image: Path, job: Job, ids: tuple[str, str, str]) -> tuple[int, int]:
     """Write the table (and the ESP's FAT: block-level, cheap natively, 0.6 s under
     TCG); the root partition's (offset, size)."""
-    tools = {tool: ext4fill.find_tool(tool)
-             for tool in ("sfdisk", "mke2fs", "debugfs", "mkfs.vfat")}
+    needed = ("sfdisk", "mke2fs", "debugfs") + (("mkfs.vfat",) if job.table == "gpt" else ())
+    tools = {tool: ext4fill.find_tool(tool) for tool in needed}
     missing = [tool for tool, path in tools.items() if path is None]
     if missing:
         raise ext4fill.Unsupported(f"no {' or '.join(missing)} in the build root")
@@ -154,9 +154,10 @@ def _partition(image: Path, job: Job, ids: tuple[str, str, str]) -> tuple[int, i
     if proc.returncode != 0:
         raise HshelperError(f"mkimage: partitioning {image} failed: {proc.stderr.strip()}",
                             status=1)
-    layout = subprocess.run([sfdisk, "-J", str(image)], capture_output=True, text=True,
-                            check=True).stdout
-    parts = partitions(layout)
+    parts = partitions(subprocess.run([sfdisk, "-J", str(image)], capture_output=True,
+                                      text=True).stdout or '{"partitiontable": {}}')
+    if len(parts) != (2 if job.table == "gpt" else 1):
+        raise HshelperError(f"mkimage: sfdisk made no {job.table} table in {image}", status=1)
     if job.table == "mbr":
         return parts[0]
     (esp_offset, esp_size), root = parts
