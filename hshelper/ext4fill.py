@@ -100,10 +100,11 @@ def debugfs(fs: Ext4, script: Path) -> None:
 def _open_tar(path: Path, kind: str) -> tuple[tarfile.TarFile, subprocess.Popen | None]:
     if kind != "zstd":
         return tarfile.open(path, TAR_MODES[kind]), None
-    if not shutil.which("zstd"):
+    zstd = find_tool("zstd")
+    if zstd is None:
         raise Unsupported("a zstd tarball and no zstd program on the host")
-    proc = subprocess.Popen(["zstd", "-dcq", str(path)], stdout=subprocess.PIPE)
-    return tarfile.open(fileobj=proc.stdout, mode="r|"), proc
+    proc = subprocess.Popen([zstd, "-dcq", str(path)], stdout=subprocess.PIPE)
+    return tarfile.open(fileobj=proc.stdout, mode=TAR_MODES[kind]), proc
 
 
 def _remove(path: Path) -> None:
@@ -239,15 +240,16 @@ def scratch_dir(need: int, fallback: Path) -> Path:
     return fallback
 
 
-def fill(source: Path, fs: Ext4, scratch: Path) -> str:
+def fill(source: Path, fs: Ext4, scratch: Path, kind: str | None = None) -> str:
     """Make ``fs`` in its image from ``source`` (a directory or a tarball).
 
+    ``kind`` is :func:`source_kind`'s answer when the caller has it already.
     ``scratch`` is the directory to unpack into when no tmpfs has room (the image's
     own directory: the image is as large). Returns what was done, for -v.
     Raises :class:`Unsupported` (nothing written yet that matters: the caller falls
     back to the guest) or :class:`HshelperError`.
     """
-    kind = source_kind(source)
+    kind = kind or source_kind(source)
     if kind is None:
         raise Unsupported(f"{source} is neither a directory nor a tar archive")
     if kind == "dir":

@@ -179,6 +179,7 @@ class Fill:
     before it touches the disks; a failure writes ``marker.err`` with the reason."""
 
     source: Path
+    kind: str  # ext4fill.source_kind's answer
     fs: ext4fill.Ext4
     marker: Path | None  # None: fill before the VM starts
     thread: threading.Thread | None = None
@@ -190,7 +191,7 @@ class Fill:
     def run(self) -> None:
         self.started = time.monotonic()
         try:
-            self.done = ext4fill.fill(self.source, self.fs, self.fs.image.parent)
+            self.done = ext4fill.fill(self.source, self.fs, self.fs.image.parent, self.kind)
         except BaseException as err:  # noqa: BLE001 - reported through the marker
             self.error = err
             self.fs.image.unlink(missing_ok=True)  # as the recipe does on failure
@@ -242,7 +243,7 @@ def prepare(job: Job, image: Path, cwd: Path, ids: tuple[str, str, str],
     offset, size = _partition(image, job, ids)
     fs = ext4fill.Ext4(image, offset, size, job.get("--label", "root"), ids[0],
                        ("^64bit",) if job.extlinux else ())
-    return Fill(source, fs, marker)
+    return Fill(source, kind, fs, marker)
 
 
 def wait_code(marker: Path) -> str:
