@@ -190,10 +190,14 @@ def cmd_info(session: Session, args, config) -> int:
     print("programs: " + " ".join(os.path.basename(p) for p in programs))
     if plan.missing:
         print("left out of the image: " + ", ".join(plan.missing))
-    if "run" in COMMANDS:
-        from hshelper import runcmd
+    from hshelper import cache, runcmd
 
-        runcmd.print_info(session, args, config, sysroot)
+    runcmd.print_info(session, args, config, sysroot)
+    root = cache.root(config)
+    parts = cache.sizes(root)
+    print(f"cache: {root}, {sum(parts.values()) / 1e6:.1f} MB ("
+          + ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in parts.items() if size)
+          + ")")
     return 0
 
 
@@ -221,14 +225,12 @@ def cmd_recipes(session: Session, args, config) -> int:
 
 
 def cmd_clean(session: Session, args, config) -> int:
-    import shutil
+    from hshelper import cache
 
-    from hshelper import initrd
-
-    root = initrd.cache_root(config)
-    for sub in ("images", "kernels", "probe"):
-        shutil.rmtree(root / sub, ignore_errors=True)
-    print(f"hshelper: removed the cache in {root}")
+    root = cache.root(config)
+    removed = cache.clean(root)
+    print(f"hshelper: removed the cache in {root}" +
+          (f" ({', '.join(removed)})" if removed else " (it was empty)"))
     return 0
 
 

@@ -1,10 +1,12 @@
-"""The core's own hook answers (the always-loaded "core" plugin): its config keys and
-the VM run that plugins wrap."""
+"""The core's own hook answers (the always-loaded "core" plugin): its config keys, the
+guest's machine (the build root's architecture), and the VM run that plugins wrap."""
 
 from __future__ import annotations
 
 from hshelper.config import Key
+from hshelper.errors import HshelperError
 from hshelper.hookspecs import hookimpl
+from hshelper.qemu import machines
 
 COMPRESSIONS = ("auto", "zstd", "lz4", "gzip", "xz", "none")
 
@@ -26,12 +28,13 @@ def hshelper_config_keys() -> list[Key]:
             "where built images are kept; empty: $XDG_CACHE_HOME/hshelper"),
         Key("run", "memory", int, 0, "guest memory in MiB; 0: fit the machine"),
         Key("run", "cpus", int, 0, "guest CPUs; 0: up to 2"),
-        Key("run", "timeout", float, 0.0, "seconds before the command is stopped (exit 124)"),
-        # Without ERMS/FSRM, the guest kernel and glibc copy memory with vector loops
-        # instead of `rep movsb`, which TCG emulates slowly: boots 0.4 s sooner, copies
-        # in the guest nearly twice as fast (measured A/B on the CI machine).
-        Key("run", "tcg_cpu", str, "max,erms=off,fsrm=off",
-            "qemu's -cpu under TCG (an older qemu without these flags: max)"),
+        Key("run", "timeout", float, 0.0,
+            "seconds the command may run before it is stopped (exit 124); 0: no limit"),
+        Key("run", "boot_timeout", float, 300.0,
+            "seconds the VM may take to boot and start the command (exit 125); 0: no limit"),
+        Key("run", "tcg_cpu", str, "",
+            "qemu's -cpu under TCG; empty: the machine table's choice for the guest's "
+            "architecture (hshelper info shows it)"),
         Key("run", "qemu", str, "", "the qemu program; empty: qemu-system-ARCH from PATH"),
         Key("run", "mode", str, "image",
             "image: programs from the helper image; root: the build root is the guest's /",
@@ -42,7 +45,24 @@ def hshelper_config_keys() -> list[Key]:
 
 
 @hookimpl(trylast=True)
-def hshelper_run_vm(vm, stop, timeout):
-    """Start qemu and stream its channels until it ends."""
+def hshelper_machine(sysroot, kernel):
+    """The build root's architecture: its kernel's (a module's ELF header), else its
+    programs'."""
+    found = sysroot.kernel_arch(kernel) or sysroot.binary_arch()
+    if found is None:
+        host = machines.host()
+        return machines.Choice(host, "no ELF program found in the build root: the host's")
+    (e_machine, elf_class, little), witness = found
+    machine = machines.from_elf(e_machine, elf_class, little)
+    if machine is None:
+        raise HshelperError(f"{witness} in the build root is for ELF machine {e_machine} "
+                            f"({elf_class}-bit), which hshelper has no helper VM for",
+                            hint="known: " + ", ".join(machines.MACHINES))
+    return machines.Choice(machine, f"{witness} is an ELF {machine.arch} file")
+
+
+@hookimpl(trylast=True)
+def hshelper_run_vm(vm, stop, limits, script):
+    """Start qemu and serve its channels until it ends."""
     vm.start()
-    return vm.wait(timeout, stop)
+    return vm.run(script, limits, stop)

@@ -1,17 +1,16 @@
-"""The per-run archive: what one run tells the guest, appended to the cached initrd.
+"""The run script: what one run tells the guest, sent once the guest says "ready".
 
-The kernel unpacks concatenated cpio archives in order, so a few hundred bytes appended
-to the cached image carry the command, its environment, its working directory and the
-plugins' per-run steps without touching the cache. Everything is shell text made by pure
-functions here, with every value quoted, never interpolated.
+The cached image holds nothing that differs from run to run; the command, its
+environment, its working directory and the plugins' per-run steps reach the booted
+guest over the control port (hshelper.guestabi), so a VM saved at "ready" can be
+restored for any run. Everything is shell text made by pure functions here, with every
+value quoted, never interpolated.
 """
 
 from __future__ import annotations
 
 import re
-import stat
 
-from hshelper import cpio
 from hshelper.model import RunSpec
 
 # Never cross into the guest: preload tricks of the build root (fakeroot, eatmydata),
@@ -42,8 +41,8 @@ def guest_env(env: dict[str, str] | tuple[tuple[str, str], ...]) -> list[tuple[s
 
 
 def payload_script(spec: RunSpec) -> str:
-    """/hshelper/run/payload.sh: variables for the init and the ``hsh_payload`` function
-    that runs the command with exactly the caller's (filtered) environment."""
+    """Variables for the init and the ``hsh_payload`` function that runs the command
+    with exactly the caller's (filtered) environment."""
     env = guest_env(spec.env)
     path = dict(env)["PATH"]
     words = " ".join(quote(f"{k}={v}") for k, v in env)
@@ -61,21 +60,15 @@ def payload_script(spec: RunSpec) -> str:
     )
 
 
-def setup_script(steps: list[tuple[str, str]]) -> str:
-    """/hshelper/run/setup.sh from the plugins' (name, code) steps, in order."""
-    parts = []
+def setup_function(steps: list[tuple[str, str]]) -> str:
+    """``hsh_setup``: the plugins' (name, code) steps, in order, as one function."""
+    parts = ["hsh_setup() {\n:\n"]
     for name, code in steps:
         parts.append(f"hsh_step_name={quote(name)}\n{code.rstrip()}\n")
+    parts.append("}\n")
     return "".join(parts)
 
 
-def run_archive(spec: RunSpec, steps: list[tuple[str, str]], mtime: int = 0) -> bytes:
-    """The per-run cpio archive (uncompressed: it is tiny)."""
-    mode = stat.S_IFREG | 0o644
-    entries = [
-        cpio.directory("/hshelper"),
-        cpio.directory("/hshelper/run"),
-        cpio.Entry("/hshelper/run/payload.sh", mode, payload_script(spec).encode()),
-        cpio.Entry("/hshelper/run/setup.sh", mode, setup_script(steps).encode()),
-    ]
-    return cpio.write_archive(entries, mtime)
+def run_script(spec: RunSpec, steps: list[tuple[str, str]]) -> bytes:
+    """The whole run script the host sends after "ready"."""
+    return (payload_script(spec) + setup_function(steps)).encode()

@@ -12,6 +12,7 @@ The flow::
     hshelper_add_arguments          declare CLI options          (setup)
     hshelper_configure              see the final config         (setup)
     hshelper_find_kernel            pick the kernel              (image, firstresult)
+    hshelper_machine                the guest's architecture     (image, firstresult)
     hshelper_image_contents         add modules/programs/files   (image)
     hshelper_image_built            see the image                (image)
     hshelper_choose_accel           kvm or tcg                   (run, firstresult)
@@ -21,6 +22,7 @@ The flow::
     hshelper_guest_setup            add per-run guest steps      (run)
     hshelper_before_run             last look before boot        (run)
     hshelper_run_vm                 run the VM; wrap it          (run, firstresult)
+      hshelper_vm_event             a qemu event while it runs   (run, firstresult)
     hshelper_after_run              see the result               (run)
 """
 
@@ -32,12 +34,14 @@ import pluggy
 
 if TYPE_CHECKING:
     import argparse
-    import threading
+    from pathlib import Path
 
     from hshelper.config import Config, Key
     from hshelper.model import Accel, Contents, ImageResult, RunResult, RunSpec
+    from hshelper.qemu.machines import Choice, Machine
+    from hshelper.qemu.outcome import Outcome
+    from hshelper.qemu.vm import VM, Limits, StopRequest
     from hshelper.sysroot import Kernel, Sysroot
-    from hshelper.vm import VM, Outcome
 
 hookspec = pluggy.HookspecMarker("hshelper")
 hookimpl = pluggy.HookimplMarker("hshelper")
@@ -87,15 +91,28 @@ def hshelper_find_kernel(sysroot: Sysroot, version: str | None, config: Config) 
     """
 
 
+@hookspec(firstresult=True)
+def hshelper_machine(sysroot: Sysroot, kernel: Kernel, config: Config) -> Choice | None:
+    """Say which machine (architecture row of hshelper.qemu.machines) runs the guest.
+
+    Called once per image plan and run, after the kernel is found. The first non-None
+    answer wins; the core answers last with the build root's own architecture (from a
+    kernel module's ELF header, else the build root's shell), so a plugin can add an
+    architecture the table lacks, or force one. Return a ``Choice(machine, reason)``.
+    """
+
+
 @hookspec
-def hshelper_image_contents(sysroot: Sysroot, kernel: Kernel, config: Config) -> Contents | None:
+def hshelper_image_contents(sysroot: Sysroot, kernel: Kernel, config: Config,
+                            machine: Machine) -> Contents | None:
     """Contribute to the helper image: kernel modules, programs, files, directories,
     device nodes and boot-time init steps.
 
     Called once per image plan, for every plugin; the contributions are merged in plugin
     order. Return a :class:`hshelper.model.Contents` or None. What is contributed here
     is part of the image's cache key, so it must not depend on per-run data (the command,
-    the working directory, disks): that goes into ``hshelper_guest_setup``.
+    the working directory, disks): that goes into ``hshelper_guest_setup``. ``machine``
+    is the guest's architecture row (its transport and panic modules, for example).
     """
 
 
@@ -108,13 +125,16 @@ def hshelper_image_built(image: ImageResult) -> None:
 
 
 @hookspec(firstresult=True)
-def hshelper_choose_accel(spec: RunSpec, qemu: str, config: Config) -> Accel | None:
+def hshelper_choose_accel(spec: RunSpec, qemu: str, config: Config, machine: Machine,
+                          kernel: Path) -> Accel | None:
     """Choose the accelerator for a run: return ``Accel("kvm"|"tcg", reason)``.
 
-    ``spec.accel`` holds what the user asked for ("auto", "kvm", "tcg"). The first
-    non-None answer wins. The built-in ``accel`` plugin probes KVM for real (a guest must
-    run, not merely /dev/kvm exist), caches the answer for the boot, and falls back to
-    TCG. Raise HshelperError when the user's demand cannot be met.
+    ``spec.accel`` holds what the user asked for ("auto", "kvm", "tcg"); ``machine`` is
+    the guest's architecture row (KVM needs the host's), ``kernel`` the file qemu will
+    boot (a probe may boot it). The first non-None answer wins. The built-in ``accel``
+    plugin probes KVM for real (a guest must run, not merely /dev/kvm exist), caches the
+    answer for the boot, and falls back to TCG. Raise HshelperError when the user's
+    demand cannot be met.
     """
 
 
@@ -139,11 +159,13 @@ def hshelper_kernel_cmdline(spec: RunSpec, image: ImageResult, accel: Accel) -> 
 
 
 @hookspec
-def hshelper_qemu_args(spec: RunSpec, image: ImageResult, accel: Accel) -> list[str] | None:
+def hshelper_qemu_args(spec: RunSpec, image: ImageResult, accel: Accel,
+                       machine: Machine) -> list[str] | None:
     """Return qemu arguments to add for this run (devices, shares, disks).
 
     The core supplies the machine, CPU, memory, kernel, initrd and the guest channels;
-    plugins add the rest. Arguments are lists, never shell strings.
+    plugins add the rest, naming devices for the machine's transport
+    (``machine.device("virtio-blk")``). Arguments are lists, never shell strings.
     """
 
 
@@ -168,16 +190,30 @@ def hshelper_before_run(spec: RunSpec, argv: list[str]) -> None:
 
 
 @hookspec(firstresult=True)
-def hshelper_run_vm(spec: RunSpec, vm: VM, stop: threading.Event,
-                    timeout: float | None) -> Outcome | None:
-    """Run the prepared VM to its end and return its :class:`hshelper.vm.Outcome`.
+def hshelper_run_vm(spec: RunSpec, vm: VM, stop: StopRequest, limits: Limits,
+                    script: bytes) -> Outcome | None:
+    """Run the prepared VM to its end and return its :class:`hshelper.qemu.outcome.Outcome`.
 
-    The core answers (it starts qemu and streams the channels). Plugins wrap it with
-    ``@hookimpl(hookwrapper=True)``: code before ``yield`` runs just before qemu starts,
-    code after it once the VM is gone, also on failure (heartbeats, timing, cleanup).
-    ``vm.monitor`` has the start time and the time of the last output; ``stop`` is set
-    by SIGINT/SIGTERM; ``timeout`` is the run's limit in seconds or None. Old-style
-    hookwrappers keep it working with pluggy 1.0 (RHEL 9, Debian 12).
+    The core answers (it starts qemu, sends ``script`` when the guest is ready and
+    streams the channels). Plugins wrap it with ``@hookimpl(hookwrapper=True)``: code
+    before ``yield`` runs just before qemu starts, code after it once the VM is gone,
+    also on failure (heartbeats, timing, cleanup). ``vm.activity`` has the start time
+    and the time of the last output; ``stop`` is set by SIGINT/SIGTERM; ``limits`` holds
+    the boot and command deadlines. Old-style hookwrappers keep it working with pluggy
+    1.0 (RHEL 9, Debian 12).
+    """
+
+
+@hookspec(firstresult=True)
+def hshelper_vm_event(spec: RunSpec, event: dict) -> str | None:
+    """See an event qemu reported on its control channel (QMP) while the VM runs.
+
+    ``event`` is QMP's message: ``{"event": NAME, "data": {...}, "timestamp": ...}``
+    (``BLOCK_IO_ERROR``, ``STOP``, ``RESUME``, ``GUEST_PANICKED``, ``SHUTDOWN``, ...).
+    Called from the VM's loop, so it must be quick. Return a one-line reason to end the
+    run at once (qemu is killed; exit status 125 with that reason), or None. The core
+    ends the run by itself on a disk write error that paused the VM and on a guest
+    panic.
     """
 
 

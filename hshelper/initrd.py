@@ -18,15 +18,16 @@ import lzma
 import os
 import shutil
 import stat
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hshelper import __version__, cpio, elf, kmod, rootpath, runner
-from hshelper.atomic import write_atomic
+from hshelper import __version__, cache, cpio, elf, kmod, rootpath, runner
 from hshelper.errors import HshelperError
 from hshelper.model import Contents, ImageResult, Program
+from hshelper.qemu.machines import Choice
 from hshelper.sysroot import DEFAULT_PATH, Kernel, Sysroot
 
 # Fastest to unpack first: under TCG the guest's decompression time is boot time. No lz4:
@@ -282,14 +283,22 @@ def compress(data: bytes, how: str) -> bytes:
     raise HshelperError(f"unknown compression {how}")
 
 
-def gather(host, sysroot: Sysroot, config) -> tuple[Kernel, Contents]:
-    """The kernel and what the plugins want in the image (cheap: nothing resolved)."""
+def find_kernel(host, sysroot: Sysroot, config) -> tuple[Kernel, Choice]:
+    """The kernel to boot and the machine that runs it."""
     version = config.get("image", "kernel") or None
     kernel = host.hook.hshelper_find_kernel(sysroot=sysroot, version=version, config=config)
     if kernel is None:
         raise HshelperError("no plugin found a kernel", hint=sysroot.kernel_package_hint())
+    choice = host.hook.hshelper_machine(sysroot=sysroot, kernel=kernel, config=config)
+    return kernel, choice
+
+
+def gather(host, sysroot: Sysroot, config) -> tuple[Kernel, Contents]:
+    """The kernel and what the plugins want in the image (cheap: nothing resolved)."""
+    kernel, choice = find_kernel(host, sysroot, config)
     parts = [c for c in host.hook.hshelper_image_contents(
-        sysroot=sysroot, kernel=kernel, config=config) if c is not None]
+        sysroot=sysroot, kernel=kernel, config=config, machine=choice.machine)
+        if c is not None]
     # pluggy calls the last registered first; merge in registration order instead.
     return kernel, merge_contents(list(reversed(parts)))
 
@@ -423,9 +432,9 @@ def code_digest() -> str:
     checkout, an upgrade without a version change) must not be reused."""
     digest = hashlib.sha256()
     package = Path(__file__).resolve().parent
-    for path in sorted([*package.glob("*.py"), *package.glob("guest/*")]):
+    for path in sorted([*package.rglob("*.py"), *package.glob("guest/*")]):
         if path.is_file():
-            digest.update(path.name.encode() + path.read_bytes())
+            digest.update(str(path.relative_to(package)).encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -531,28 +540,25 @@ def manifest_lines(plan: ImagePlan, entries: list[cpio.Entry]) -> list[dict]:
 
 
 def cache_root(config) -> Path:
-    """The cache directory: configured, else XDG, else a private one in /var/tmp or /tmp
-    (a build user's HOME is often missing or read-only)."""
-    configured = config.get("image", "cache_dir")
-    candidates = [Path(configured)] if configured else []
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    home = os.environ.get("HOME")
-    if xdg:
-        candidates.append(Path(xdg) / "hshelper")
-    if home:
-        candidates.append(Path(home) / ".cache" / "hshelper")
-    for tmp in (os.environ.get("TMPDIR"), "/var/tmp", "/tmp"):
-        if tmp:
-            candidates.append(Path(tmp) / f"hshelper-cache-{os.getuid()}")
-    for path in candidates:
-        try:
-            path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError:
-            continue
-        if os.access(path, os.W_OK | os.X_OK) and path.stat().st_uid == os.getuid():
-            return path
-    raise HshelperError("no writable cache directory",
-                        hint="set HSHELPER_IMAGE_CACHE_DIR or [image] cache_dir")
+    return cache.root(config)
+
+
+def discard(image: ImageResult) -> None:
+    """Remove an image from the cache (it proved damaged); the next run rebuilds it."""
+    shutil.rmtree(image.initrd.parent, ignore_errors=True)
+
+
+def _whole(final: Path) -> bool:
+    """Whether a cached image is there and undamaged; a damaged one is removed."""
+    if not (final / "initrd").is_file():
+        return False
+    problem = cache.damage(final / "initrd")
+    if problem is None:
+        return True
+    print(f"hshelper: the cached helper image {final} was damaged ({problem}); "
+          "building it again", file=sys.stderr)
+    shutil.rmtree(final, ignore_errors=True)
+    return False
 
 
 def build_image(host, sysroot: Sysroot, config) -> ImageResult:
@@ -567,7 +573,7 @@ def build_image(host, sysroot: Sysroot, config) -> ImageResult:
     root = cache_root(config)
     memo_path = root / "plans" / quick_key(sysroot, kernel, contents, config)
     memo = _memo_read(memo_path)
-    if memo is not None and (root / "images" / memo["image"] / "initrd").is_file():
+    if memo is not None and _whole(root / "images" / memo["image"]):
         final = root / "images" / memo["image"]
         result = _result(memo, final, memo["image"], True, start)
         with contextlib.suppress(OSError):
@@ -578,7 +584,7 @@ def build_image(host, sysroot: Sysroot, config) -> ImageResult:
     plan = plan_image(host, sysroot, config, (kernel, contents))
     key = plan.key()
     final = root / "images" / key
-    cached = (final / "initrd").is_file()
+    cached = _whole(final)
     if not cached:
         final.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
@@ -586,6 +592,7 @@ def build_image(host, sysroot: Sysroot, config) -> ImageResult:
             entries = archive_entries(plan)
             data = compress(cpio.write_archive(entries, plan.mtime), plan.compression)
             (work / "initrd").write_bytes(data)
+            cache.record(work / "initrd")
             with open(work / "manifest.json", "w") as fh:
                 for item in manifest_lines(plan, entries):
                     fh.write(json.dumps(item, sort_keys=True) + "\n")
@@ -628,9 +635,14 @@ def boot_initrd(image: ImageResult, accel: str) -> Path:
     if accel != "tcg" or image.compression == "none":
         return image.initrd
     plain = image.initrd.with_name("initrd.cpio")
-    if not plain.is_file():
-        write_atomic(plain, decompress(image.initrd.read_bytes(), image.compression))
-    return plain
+    if plain.exists():
+        problem = cache.damage(plain)
+        if problem is None:
+            return plain
+        print(f"hshelper: the cached uncompressed initrd {plain} was damaged ({problem}); "
+              "making it again", file=sys.stderr)
+        cache.discard(plain)
+    return cache.write_checked(plain, decompress(image.initrd.read_bytes(), image.compression))
 
 
 def write_output(image: ImageResult, directory: Path) -> list[Path]:

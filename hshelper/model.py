@@ -109,6 +109,11 @@ class Disk:
     size: int | None = None
     readonly: bool = False
 
+    @staticmethod
+    def drive_id(index: int) -> str:
+        """qemu's id of the ``index``-th disk's drive (what QMP events name)."""
+        return f"hshdisk{index}"
+
 
 @dataclass(frozen=True)
 class RunSpec:

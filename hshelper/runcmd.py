@@ -1,8 +1,9 @@
 """The run stage: ``helper-run CMD`` / ``hshelper run`` / ``hshelper shell``.
 
-Builds (or finds) the image, turns the options into a RunSpec, lets the plugins add
-shares, disks, kernel parameters and guest steps, appends the per-run archive to a
-private copy of the initrd, boots the VM and returns the exit status.
+Finds the kernel and the guest's machine, chooses the accelerator, builds (or finds)
+the image, turns the options into a RunSpec, lets the plugins add shares, disks, kernel
+parameters and guest steps, boots the VM, sends it the run script once it is ready, and
+returns the exit status.
 """
 
 from __future__ import annotations
@@ -16,26 +17,25 @@ import shlex
 import shutil
 import signal
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
-from hshelper import elf, guestrun, initrd, kernelimage
+from hshelper import cache, elf, guestrun, initrd
 from hshelper.config import Layer
 from hshelper.errors import HshelperError
 from hshelper.model import Accel, RunResult, RunSpec
+from hshelper.qemu import kernelimage
+from hshelper.qemu.argv import BootSpec
+from hshelper.qemu.machines import Machine
+from hshelper.qemu.vm import VM, Limits, StopRequest
 from hshelper.sysroot import Sysroot
-from hshelper.vm import VM, Machine, find_qemu
 
 BASE_CMDLINE = (
-    "console=ttyS0",
     "panic=-1",  # reboot at once on a panic; -no-reboot turns that into qemu's exit
     "quiet", "loglevel=3",  # the serial console is slow under TCG
     "rdinit=/init",
     "random.trust_cpu=on",  # RDRAND seeds the RNG at once: no virtio-rng device needed
     "cryptomgr.notests",  # crypto self-tests at every algorithm registration cost seconds
-    "8250.nr_uarts=1",  # probing absent UARTs costs time
     "mitigations=off",  # a throwaway VM running the caller's own command
 )
 LOG_KEEP = 10
@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="guest memory in MiB (default: 512, less under a low RLIMIT_AS)")
     parser.add_argument("--cpus", type=int, metavar="N", help="guest CPUs")
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
-                        help="stop the command after this long (exit 124)")
+                        help="stop the command after it ran this long (exit 124); the "
+                             "boot has its own limit (run.boot_timeout)")
     parser.add_argument("--accel", choices=("auto", "kvm", "tcg"),
                         help="accelerator: auto probes KVM for real and falls back to TCG")
     parser.add_argument("--skip-without-kvm", action="store_true",
@@ -77,16 +78,24 @@ def default_memory() -> int:
     return memory
 
 
-def run_dir() -> Path:
-    base = os.environ.get("XDG_RUNTIME_DIR") or os.environ.get("TMPDIR") or "/tmp"
-    if not os.access(base, os.W_OK):
-        base = "/tmp"
-    return Path(tempfile.mkdtemp(prefix="hshelper-run-", dir=base))
+def find_qemu(configured: str, machine: Machine, sysroot: Sysroot) -> str:
+    """The qemu program for the guest's machine: the build root's own (inside it, that
+    is the one on PATH; with --sysroot, the host's)."""
+    name = configured or machine.qemu
+    path = shutil.which(name)
+    if path is None:
+        ids = [sysroot.os_release.get("ID", "")] + sysroot.os_release.get("ID_LIKE", "").split()
+        package = next((machine.qemu_packages[i] for i in ids if i in machine.qemu_packages),
+                       None)
+        hint = (f"install {package}" if package else
+                "install the qemu system emulator for " + machine.arch)
+        raise HshelperError(f"{name} not found on PATH (the guest is {machine.arch})",
+                            hint=hint)
+    return path
 
 
 def log_path(config) -> Path:
-    logs = initrd.cache_root(config) / "logs"
-    logs.mkdir(exist_ok=True)
+    logs = cache.subdir(config, "logs")
     old = sorted(logs.glob("console-*.log"))
     for stale in old[:-LOG_KEEP]:
         with contextlib.suppress(OSError):
@@ -149,10 +158,9 @@ def script_shell(cwd: str, command: str, search_path: str) -> str | None:
     return words[0] if words[0].startswith("/") else os.path.basename(words[0])
 
 
-def _signal_handlers(stop: threading.Event):
+def _signal_handlers(stop: StopRequest):
     def handler(signum, frame):
-        stop.status = 128 + signum  # type: ignore[attr-defined]
-        stop.set()
+        stop.request(128 + signum)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM,
                                                   signal.SIGHUP)}
@@ -170,12 +178,25 @@ def chain_run_spec(host, spec: RunSpec, config, args) -> RunSpec:
     return spec
 
 
+def kernel_cmdline(machine: Machine, plugin_words: list[list[str] | None],
+                   append: str) -> str:
+    words = [f"console={machine.console}", *BASE_CMDLINE, *machine.cmdline]
+    for extra in plugin_words:
+        words += extra or []
+    return " ".join(words + append.split())
+
+
 def main(session, args, config, shell: bool = False) -> int:
     sysroot = Sysroot(args.sysroot)
     host = session.host
     spec = make_spec(args, config, shell)
-    qemu = find_qemu(config.get("run", "qemu"))
-    accel = host.hook.hshelper_choose_accel(spec=spec, qemu=qemu, config=config)
+    kernel, choice = initrd.find_kernel(host, sysroot, config)
+    machine = choice.machine
+    qemu = find_qemu(config.get("run", "qemu"), machine, sysroot)
+    boot_kernel = kernelimage.bootable(sysroot.resolve(kernel.image).host,
+                                       machine.kernel_format, cache.subdir(config, "kernels"))
+    accel = host.hook.hshelper_choose_accel(spec=spec, qemu=qemu, config=config,
+                                            machine=machine, kernel=boot_kernel.path)
     if accel is None:
         accel = Accel("tcg", "no plugin chose an accelerator")
     if args.skip_without_kvm and accel.name != "kvm":
@@ -189,7 +210,7 @@ def main(session, args, config, shell: bool = False) -> int:
         print(f"hshelper: using TCG: {accel.reason}", file=sys.stderr)
     if not spec.cpus:
         spec = dataclasses.replace(spec, cpus=1 if accel.name == "tcg" else
-                                   min(2, os.cpu_count() or 1))
+                                   min(2, os.cpu_count() or 1, machine.max_cpus))
     spec = chain_run_spec(host, spec, config, args)
     if not any(spec.cwd == s.guest or spec.cwd.startswith(s.guest.rstrip("/") + "/")
                for s in spec.shares):
@@ -206,46 +227,43 @@ def main(session, args, config, shell: bool = False) -> int:
         raise HshelperError(f"kernel {image.kernel_version} has no virtio_console module, "
                             "which carries the command's output",
                             hint="install a kernel with CONFIG_VIRTIO_CONSOLE")
-    words = list(BASE_CMDLINE)
-    for extra in host.hook.hshelper_kernel_cmdline(spec=spec, image=image, accel=accel):
-        words += extra or []
-    if spec.extra.get("append"):
-        words += spec.extra["append"].split()
-    qemu_extra: list[str] = []
-    for extra in reversed(host.hook.hshelper_qemu_args(spec=spec, image=image, accel=accel)):
-        qemu_extra += extra or []
+    cmdline = kernel_cmdline(
+        machine, host.hook.hshelper_kernel_cmdline(spec=spec, image=image, accel=accel),
+        spec.extra.get("append", ""))
+    devices: list[str] = []
+    for extra in reversed(host.hook.hshelper_qemu_args(spec=spec, image=image, accel=accel,
+                                                       machine=machine)):
+        devices += extra or []
     steps: list[tuple[str, str]] = []
     for extra in reversed(host.hook.hshelper_guest_setup(spec=spec, image=image)):
         steps += extra or []
-    boot_kernel = kernelimage.bootable(image.kernel, initrd.cache_root(config))
-    workdir = run_dir()
-    stop = threading.Event()
+    boot = BootSpec(accel.name, spec.memory_mb, spec.cpus, boot_kernel.path,
+                    initrd.boot_initrd(image, accel.name), cmdline,
+                    config.get("run", "tcg_cpu"))
+    limits = Limits(boot=config.get("run", "boot_timeout") or None, command=spec.timeout)
+    stop = StopRequest()
     old_handlers = _signal_handlers(stop)
     console_log = log_path(config)
     started = time.monotonic()
     try:
-        run_initrd = workdir / "initrd"
-        with open(run_initrd, "wb") as out, \
-                open(initrd.boot_initrd(image, accel.name), "rb") as cached:
-            shutil.copyfileobj(cached, out, 1 << 20)
-            # The kernel takes an uncompressed cpio after a compressed one only at a
-            # 4-byte boundary (zero padding is skipped).
-            out.write(b"\0" * (-out.tell() % 4))
-            out.write(guestrun.run_archive(spec, steps))
-        machine = Machine(accel.name, spec.memory_mb, spec.cpus, boot_kernel, run_initrd,
-                          " ".join(words), config.get("run", "tcg_cpu"))
-        vm = VM(qemu, machine, qemu_extra, console_log, spec.stdin, spec.verbose)
+        vm = VM(qemu, machine, boot, devices, console_log, spec.stdin, spec.verbose,
+                disk_files={d.drive_id(i): str(d.path) for i, d in enumerate(spec.disks)},
+                on_event=lambda event: host.hook.hshelper_vm_event(spec=spec, event=event))
         host.hook.hshelper_before_run(spec=spec, argv=vm.argv)
         if spec.verbose:
             print(f"hshelper: qemu: {shlex.join(vm.argv)}", file=sys.stderr, flush=True)
         if spec.interactive and sys.stdin.isatty():
             print("hshelper: a root shell in the helper VM; leave with exit or Ctrl-D "
                   "(Ctrl-C stops the VM)", file=sys.stderr, flush=True)
-        outcome = host.hook.hshelper_run_vm(spec=spec, vm=vm, stop=stop, timeout=spec.timeout)
+        outcome = host.hook.hshelper_run_vm(spec=spec, vm=vm, stop=stop, limits=limits,
+                                            script=guestrun.run_script(spec, steps))
     finally:
         for sig, old in old_handlers.items():
             signal.signal(sig, old)
-        shutil.rmtree(workdir, ignore_errors=True)
+    if outcome.image_damaged:
+        initrd.discard(image)
+        print(f"hshelper: the cached helper image {image.initrd.parent} did not boot; it "
+              "was removed and the next run builds it again", file=sys.stderr)
     result = RunResult(status=outcome.status, reason=outcome.reason, accel=accel,
                        seconds=time.monotonic() - started, boot_seconds=outcome.boot_seconds,
                        console_log=console_log)
@@ -261,16 +279,27 @@ def main(session, args, config, shell: bool = False) -> int:
 
 
 def print_info(session, args, config, sysroot: Sysroot) -> None:
-    from hshelper.model import RunSpec as _RunSpec
-
+    """The run side of ``hshelper info``: machine, qemu, accelerator, and why."""
+    kernel, choice = initrd.find_kernel(session.host, sysroot, config)
+    machine = choice.machine
+    print(f"guest architecture: {machine.arch} ({choice.reason})")
+    print(f"machine: -machine {machine.machine_tcg} (TCG), {machine.machine_kvm} (KVM); "
+          f"-cpu {config.get('run', 'tcg_cpu') or machine.tcg_cpu} (TCG), "
+          f"{machine.kvm_cpu} (KVM); console {machine.console}; virtio-{machine.transport}")
+    if machine.why:
+        print(f"machine choices: {machine.why}")
+    boot_kernel = kernelimage.bootable(sysroot.resolve(kernel.image).host,
+                                       machine.kernel_format, cache.subdir(config, "kernels"))
+    print(f"boot kernel: {boot_kernel.path} ({boot_kernel.reason})")
     try:
-        qemu = find_qemu(config.get("run", "qemu"))
+        qemu = find_qemu(config.get("run", "qemu"), machine, sysroot)
     except HshelperError as exc:
         print(f"qemu: missing ({exc})")
         return
     print(f"qemu: {qemu}")
-    spec = _RunSpec(argv=("true",), cwd=os.getcwd(), env=())
-    accel = session.host.hook.hshelper_choose_accel(spec=spec, qemu=qemu, config=config)
+    spec = RunSpec(argv=("true",), cwd=os.getcwd(), env=())
+    accel = session.host.hook.hshelper_choose_accel(spec=spec, qemu=qemu, config=config,
+                                                    machine=machine, kernel=boot_kernel.path)
     if accel is not None:
         print(f"accelerator: {accel.name} ({accel.reason})")
 

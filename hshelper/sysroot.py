@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from hshelper import rootpath
+from hshelper import elf, rootpath
 from hshelper.errors import HshelperError
 
 # The kernel package to install, per distribution family (from /etc/os-release ID/ID_LIKE).
@@ -28,6 +28,8 @@ KERNEL_PACKAGES = {
     "arch": "linux",
 }
 
+# Where a build root's architecture shows: its shell and core programs.
+ARCH_WITNESSES = ("/bin/sh", "/usr/bin/env", "/bin/busybox", "/usr/bin/busybox", "/bin/ls")
 DEFAULT_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 MODULE_DIRS = ("/lib/modules", "/usr/lib/modules")
 
@@ -229,3 +231,58 @@ class Sysroot:
             return busybox_applets(self.resolve(self.busybox).host.read_bytes())
         except OSError:
             return frozenset()
+
+    # ------------------------------------------------------------ architecture
+
+    def _elf_id(self, guest: str) -> tuple[int, int, bool] | None:
+        try:
+            info = elf.read_elf(self.resolve(guest).host)
+        except (OSError, ValueError, rootpath.RootPathError):
+            return None
+        return (info.machine, info.elf_class, info.little_endian) if info else None
+
+    def binary_arch(self) -> tuple[tuple[int, int, bool], str] | None:
+        """(e_machine, ELF class, little endian) of the build root's programs, and the
+        program that said so; None when none is an ELF file."""
+        for guest in ARCH_WITNESSES:
+            found = self._elf_id(guest)
+            if found:
+                return found, guest
+        return None
+
+    def kernel_arch(self, kernel: Kernel) -> tuple[tuple[int, int, bool], str] | None:
+        """The same for ``kernel``, from one of its modules (the kernel decides which
+        qemu runs it: a 32-bit root may carry a 64-bit kernel). Only uncompressed
+        modules are read, and only the first few hundred names are looked at."""
+        if not kernel.moddir:
+            return None
+        try:
+            moddir = self.resolve(kernel.moddir).host
+        except (OSError, rootpath.RootPathError):
+            return None
+        seen = 0
+        for dirpath, _, files in os.walk(moddir / "kernel"):
+            for name in sorted(files):
+                seen += 1
+                if seen > 300:
+                    return None
+                if name.endswith(".ko"):
+                    rel = os.path.relpath(os.path.join(dirpath, name), moddir)
+                    found = self._elf_id(f"{kernel.moddir}/{rel}")
+                    if found:
+                        return found, f"{kernel.moddir}/{rel}"
+        return None
+
+    @cached_property
+    def dpkg_arch(self) -> str | None:
+        """The package database's architecture (Debian: dpkg's own package's)."""
+        try:
+            text = self.resolve("/var/lib/dpkg/status").host.read_text(errors="replace")
+        except (OSError, rootpath.RootPathError):
+            return None
+        for block in text.split("\n\n"):
+            if "Package: dpkg\n" in block + "\n":
+                for line in block.splitlines():
+                    if line.startswith("Architecture:"):
+                        return line.split(":", 1)[1].strip()
+        return None

@@ -2,8 +2,8 @@
 
 The mere presence of /dev/kvm proves nothing (a broken KVM hangs the guest forever), so
 ``auto`` and ``kvm`` run a tiny probe guest under KVM with a short timeout
-(hshelper.accel). The answer is cached for the current boot of the machine. Config:
-``accel.probe_timeout`` (seconds).
+(hshelper.qemu.probe, the machine table says which probe). The answer is cached for the
+current boot of the machine. Config: ``accel.probe_timeout`` (seconds).
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import os
 import time
 from pathlib import Path
 
+from hshelper import cache
+from hshelper.atomic import write_atomic
 from hshelper.config import Key
 from hshelper.errors import HshelperError
 from hshelper.hookspecs import hookimpl
-from hshelper.initrd import cache_root
 from hshelper.model import Accel
+from hshelper.qemu import probe
 
 # Without a boot id (no /proc in the chroot), trust a cached answer this long.
 UNKNOWN_BOOT_TTL = 3600
@@ -63,9 +65,13 @@ def probe_lock(path: Path, bound: float):
         yield
 
 
-def cached_probe(qemu: str, timeout: float, cache_file: Path) -> tuple[bool, str]:
+def cached_probe(qemu: str, machine, kernel: Path, timeout: float,
+                 cache_file: Path) -> tuple[bool, str]:
     """(usable, reason), from the cache when this boot already probed this qemu."""
-    ident = {"boot": boot_id(), "qemu": qemu, "kvm": _kvm_ident()}
+    ident = {"boot": boot_id(), "qemu": qemu, "kvm": _kvm_ident(), "arch": machine.arch}
+    early = probe.same_architecture(machine)
+    if early:
+        return False, early
     hit = _cached(cache_file, ident)
     if hit is not None:
         return hit
@@ -73,14 +79,11 @@ def cached_probe(qemu: str, timeout: float, cache_file: Path) -> tuple[bool, str
         hit = _cached(cache_file, ident)  # a peer probed while we waited
         if hit is not None:
             return hit
-        from hshelper import accel as probe
-
-        result = probe.probe_kvm(qemu, timeout=timeout)
+        result = probe.probe_kvm(qemu, machine, kernel, timeout=timeout)
         with contextlib.suppress(OSError):
-            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"ident": ident, "time": time.time(),
-                                       "usable": result.usable, "reason": result.reason}))
-            os.replace(tmp, cache_file)
+            write_atomic(cache_file, json.dumps(
+                {"ident": ident, "time": time.time(), "usable": result.usable,
+                 "reason": result.reason}).encode())
     return result.usable, result.reason
 
 
@@ -99,11 +102,12 @@ def hshelper_config_keys():
 
 
 @hookimpl(trylast=True)
-def hshelper_choose_accel(spec, qemu, config):
+def hshelper_choose_accel(spec, qemu, config, machine, kernel):
     if spec.accel == "tcg":
         return Accel("tcg", "asked for TCG")
-    usable, reason = cached_probe(qemu, config.get("accel", "probe_timeout"),
-                                  cache_root(config) / "probe" / "kvm.json")
+    cache_file = cache.subdir(config, "probe") / f"kvm-{machine.arch}.json"
+    usable, reason = cached_probe(qemu, machine, kernel, config.get("accel", "probe_timeout"),
+                                  cache_file)
     if usable:
         return Accel("kvm", reason)
     if spec.accel == "kvm":

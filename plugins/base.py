@@ -15,9 +15,11 @@ from pathlib import Path
 from hshelper import kmod
 from hshelper.hookspecs import hookimpl
 from hshelper.model import Contents, Device, File, Program
+from hshelper.qemu import machines
 
 # What the init runs; one busybox binary beats shell + util-linux + kmod for size.
-INIT_PROGRAMS = ("sh", "mount", "insmod", "env", "mkdir", "ln", "sleep", "sync", "mknod")
+INIT_PROGRAMS = ("sh", "mount", "insmod", "env", "mkdir", "ln", "sleep", "sync", "mknod",
+                 "head")
 REAL_PROGRAMS = ("mount", "umount")
 # What recipe scripts commonly call; each only when installed (as busybox applets when
 # busybox is installed).
@@ -32,10 +34,12 @@ UTILITIES = (
 DIRECTORIES = ("/proc", "/sys", "/dev", "/tmp", "/run", "/mnt", "/root", "/etc", "/hshelper")
 
 
-def base_modules(config) -> tuple[str, ...]:
-    """Module names (kernel-modules.lst syntax) from the base list and the config."""
+def base_modules(config, machine) -> tuple[str, ...]:
+    """Module names (kernel-modules.lst syntax): the machine's boot modules (its virtio
+    transport, its panic notifier), the base list and the config's."""
     text = resources.files("hshelper").joinpath("kernel-modules.lst").read_text()
-    wanted = kmod.parse_list(text, "kernel-modules.lst")
+    wanted = kmod.parse_list("\n".join(machines.boot_modules(machine)), machine.arch)
+    wanted += kmod.parse_list(text, "kernel-modules.lst")
     for extra in config.get("image", "module_lists"):
         wanted += kmod.read_list(Path(extra))
     names = [w.spec() for w in wanted]
@@ -43,7 +47,7 @@ def base_modules(config) -> tuple[str, ...]:
 
 
 @hookimpl
-def hshelper_image_contents(config):
+def hshelper_image_contents(config, machine):
     guest = resources.files("hshelper.guest")
     init = guest.joinpath("init").read_bytes()
     modprobe = guest.joinpath("modprobe").read_bytes()
@@ -61,7 +65,7 @@ def hshelper_image_contents(config):
                  for p in UTILITIES]
     programs += [Program(p, required=True, applet=False) for p in config.get("image", "programs")]
     return Contents(
-        modules=base_modules(config),
+        modules=base_modules(config, machine),
         programs=tuple(programs),
         files=(File("/init", data=init, mode=0o755),
                File("/hshelper/modprobe", data=modprobe, mode=0o755)),

@@ -109,14 +109,21 @@ def hshelper_run_spec(spec, args):
 
 
 @hookimpl
-def hshelper_qemu_args(spec):
+def hshelper_qemu_args(spec, machine):
     args = []
     for i, disk in enumerate(spec.disks):
-        drive = f"file={disk.path},if=none,id=hshdisk{i},format={disk.format},discard=unmap"
+        drive_id = disk.drive_id(i)
+        # werror=stop: a failed write (the host's disk full) pauses the VM and qemu says
+        # so on its control channel, where the core ends the run with the host file
+        # named. qemu's default (enospc) pauses too, but silently for a build farm; the
+        # guest seeing EIO (report) could lose the error in its page cache and exit 0.
+        drive = (f"file={disk.path},if=none,id={drive_id},format={disk.format},"
+                 "discard=unmap,werror=stop,rerror=report")
         if disk.readonly:
             drive += ",readonly=on"
         args += ["-drive", drive,
-                 "-device", f"virtio-blk-pci,drive=hshdisk{i},serial={disk.name}"]
+                 "-device", f"{machine.device('virtio-blk')},drive={drive_id},"
+                            f"serial={disk.name}"]
     return args
 
 

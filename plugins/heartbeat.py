@@ -30,13 +30,13 @@ def hshelper_configure(config):
 
 
 def _beat(vm, interval: float, name: str) -> None:
-    monitor = vm.monitor
-    while not monitor.finished.wait(min(interval, 1.0)):
+    activity = vm.activity
+    while not activity.finished.wait(min(interval, 1.0)):
         now = time.monotonic()
-        if now - monitor.last_output >= interval:
-            print(f"hshelper: {name} still running ({now - monitor.started:.0f} s)",
+        if now - activity.last_output >= interval:
+            print(f"hshelper: {name} still running ({now - activity.started:.0f} s)",
                   file=sys.stderr, flush=True)
-            monitor.last_output = now
+            activity.last_output = now
 
 
 @hookimpl(hookwrapper=True)

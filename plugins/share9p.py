@@ -69,7 +69,7 @@ def hshelper_run_spec(spec, args):
 
 
 @hookimpl
-def hshelper_qemu_args(spec, image):
+def hshelper_qemu_args(spec, image, machine):
     if not spec.shares:
         return []
     if not {"9p", "9pnet_virtio"} <= image.features:
@@ -88,7 +88,8 @@ def hshelper_qemu_args(spec, image):
         if share.readonly:
             fsdev += ",readonly=on"
         args += ["-fsdev", fsdev,
-                 "-device", f"virtio-9p-pci,fsdev={share.tag},mount_tag={share.tag}"]
+                 "-device", f"{machine.device('virtio-9p')},fsdev={share.tag},"
+                            f"mount_tag={share.tag}"]
     return args
 
 

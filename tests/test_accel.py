@@ -15,26 +15,27 @@ from pathlib import Path
 
 import pytest
 
-from hshelper import accel
+from hshelper.qemu import machines, probe
 
 QEMU = shutil.which("qemu-system-x86_64")
 needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed")
+X86 = machines.lookup("x86_64")
 
 
 @pytest.mark.skipif(not (shutil.which("as") and shutil.which("ld")), reason="no binutils")
 def test_embedded_firmware_is_the_assembled_source(tmp_path):
-    src = Path(accel.__file__).with_name("probe.S")
+    src = Path(probe.__file__).with_name("probe.S")
     subprocess.run(["as", "-o", tmp_path / "p.o", src], check=True)
     subprocess.run(["ld", "-Ttext=0xf0000", "--oformat", "binary", "-o", tmp_path / "p.bin",
                     tmp_path / "p.o"], check=True, capture_output=True)
-    assert (tmp_path / "p.bin").read_bytes() == accel.probe_firmware()
+    assert (tmp_path / "p.bin").read_bytes() == probe.probe_firmware()
 
 
 @needs_qemu
 def test_probe_guest_reaches_long_mode_under_tcg():
     # The same firmware under TCG must exit with the expected status: this proves the
     # probe itself works, so a KVM timeout means KVM, not the probe.
-    result = accel.run_probe(QEMU, "tcg", timeout=20)
+    result = probe.run_probe(QEMU, X86, None, "tcg", timeout=20)
     assert result.usable, result.reason
 
 
@@ -42,7 +43,7 @@ def test_probe_guest_reaches_long_mode_under_tcg():
 def test_guest_that_never_finishes_is_killed_and_reported():
     # -S starts the guest paused, so it never runs: what a broken KVM looks like.
     before = _qemu_pids()
-    result = accel.run_probe(QEMU, "tcg", timeout=0.5, extra=["-S"])
+    result = probe.run_probe(QEMU, X86, None, "tcg", timeout=0.5, extra=["-S"])
     assert not result.usable
     assert "did not finish within 0.5 s" in result.reason
     assert _qemu_pids() <= before
@@ -54,7 +55,7 @@ def _qemu_pids() -> set[str]:
 
 
 def test_missing_device_explains_the_fix(tmp_path):
-    result = accel.probe_kvm("qemu-system-x86_64", device=str(tmp_path / "kvm"))
+    result = probe.probe_kvm("qemu-system-x86_64", X86, device=str(tmp_path / "kvm"))
     assert not result.usable
     assert "does not exist" in result.reason and "--mountpoints=/dev/kvm" in result.reason
 
@@ -70,11 +71,12 @@ def test_unopenable_device_explains_the_fix():
 
 
 def _check_unopenable(dev: Path) -> None:
-    code = ("import sys; from hshelper import accel; "
-            "print(accel.device_problem(sys.argv[1]))")
+    code = ("import sys; from hshelper.qemu import probe; "
+            "print(probe.device_problem(sys.argv[1]))")
     out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                           sys.executable, "-c", code, str(dev)], capture_output=True, text=True,
-                         cwd=Path(accel.__file__).parent.parent, env={"PYTHONPATH": "."})
+                         cwd=Path(probe.__file__).parent.parent.parent,
+                         env={"PYTHONPATH": "."})
     assert out.returncode == 0, out.stderr
     assert "not readable and writable by uid 65534" in out.stdout
     assert "kvm group" in out.stdout
@@ -107,3 +109,10 @@ def test_probe_lock_waits_for_a_peer_within_its_bound(tmp_path, bound, held, wai
         assert held - 0.3 < waited < bound
     else:
         assert bound - 0.05 < waited < held
+
+
+def test_kvm_is_not_tried_for_a_guest_of_another_architecture():
+    result = probe.probe_kvm("qemu-system-aarch64", machines.lookup("aarch64"))
+    assert not result.usable
+    assert "KVM runs guests of the host's architecture (x86_64)" in result.reason
+    assert "this guest is aarch64" in result.reason

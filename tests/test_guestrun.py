@@ -39,8 +39,12 @@ def test_payload_passes_argv_and_env_exactly(shell, tmp_path):
     assert "/usr/sbin" in got_env["PATH"].split(":")
 
 
-def test_run_archive_is_a_valid_cpio(tmp_path):
+@pytest.mark.parametrize("shell", SHELLS)
+def test_run_script_defines_the_steps_in_order(shell):
     spec = RunSpec(argv=("true",), cwd="/x", env=())
-    data = guestrun.run_archive(spec, [("one", "echo 1")])
-    out = subprocess.run(["bsdtar", "-tf", "-"], input=data, capture_output=True, check=True)
-    assert b"hshelper/run/payload.sh" in out.stdout and b"hshelper/run/setup.sh" in out.stdout
+    steps = [("one", "echo 1"), ("two", "echo 2; echo \"$hsh_step_name\"")]
+    for given, want in ((steps, "1\n2\ntwo\n"), ([], "")):
+        script = guestrun.run_script(spec, given).decode() + "hsh_setup\n"
+        argv = [shell, "sh", "-c", script] if shell == "busybox" else [shell, "-c", script]
+        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        assert out == want

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from hshelper import vmlinux
+from hshelper.qemu import vmlinux
 
 
 def fake_elf(pvh: bool) -> bytes:

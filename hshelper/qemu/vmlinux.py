@@ -1,18 +1,17 @@
 """Unpacking an x86 bzImage into its ELF vmlinux, and checking it for a PVH entry.
 
 Pure functions over bytes. The bzImage's setup header says where the compressed kernel
-(the "payload") sits; its first bytes say how it is compressed. gzip, xz, lzma and bzip2
-are in the standard library; zstd and lz4 go through ``decompress_cmd`` (the caller's
-way of running an external decompressor) so this module stays free of side effects.
+(the "payload") sits; its first bytes say how it is compressed (hshelper.codec); zstd
+and lz4 go through ``decompress_cmd`` (the caller's way of running an external
+decompressor) so this module stays free of side effects.
 """
 
 from __future__ import annotations
 
-import bz2
-import lzma
 import struct
-import zlib
 from typing import Callable, Optional
+
+from hshelper import codec
 
 DecompressCmd = Callable[[str, bytes], Optional[bytes]]
 
@@ -27,16 +26,6 @@ PVH_NOTE_NAME = b"Xen"
 PVH_NOTE_TYPE = 18
 PT_NOTE = 4
 
-MAGICS = (
-    (b"\x1f\x8b", "gzip"),
-    (b"\xfd7zXZ\x00", "xz"),
-    (b"\x28\xb5\x2f\xfd", "zstd"),
-    (b"\x02\x21\x4c\x18", "lz4"),
-    (b"BZh", "bzip2"),
-    (b"\x5d\x00\x00", "lzma"),
-)
-
-
 def payload(image: bytes) -> tuple[str, bytes] | None:
     """(format, compressed bytes) of a bzImage's kernel, or None if it is not one."""
     if len(image) < PAYLOAD_LENGTH + 4 or image[HEADER_MAGIC:HEADER_MAGIC + 4] != b"HdrS":
@@ -47,33 +36,18 @@ def payload(image: bytes) -> tuple[str, bytes] | None:
     data = image[start + offset:start + offset + length]
     if len(data) != length or length == 0:
         return None
-    for magic, fmt in MAGICS:
-        if data.startswith(magic):
-            return fmt, data
-    return None
-
-
-def _strip_size(data: bytes) -> bytes:
-    # Every format but gzip has the uncompressed size appended by the kernel build.
-    return data[:-4]
+    fmt = codec.sniff(data)
+    return (fmt, data) if fmt else None
 
 
 def decompress(fmt: str, data: bytes, decompress_cmd: DecompressCmd | None = None) -> bytes | None:
-    """The uncompressed payload, or None when it cannot be unpacked here."""
-    try:
-        if fmt == "gzip":
-            return zlib.decompressobj(wbits=31).decompress(data)
-        if fmt == "xz":
-            return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data)
-        if fmt == "lzma":
-            return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(data)
-        if fmt == "bzip2":
-            return bz2.BZ2Decompressor().decompress(data)
-    except (OSError, EOFError, lzma.LZMAError, zlib.error, ValueError):
-        return None
-    if decompress_cmd is not None:
-        return decompress_cmd(fmt, _strip_size(data))
-    return None
+    """The uncompressed payload, or None when it cannot be unpacked here. Every format
+    but gzip has the uncompressed size appended by the kernel build: the standard
+    library's decoders stop at the stream's end, an external one gets it cut off."""
+    def external(name: str, blob: bytes) -> bytes | None:
+        return decompress_cmd(name, blob[:-4]) if decompress_cmd else None
+
+    return codec.decompress(fmt, data, external)
 
 
 def extract_vmlinux(image: bytes, decompress_cmd: DecompressCmd | None = None) -> bytes | None:

@@ -1,0 +1,161 @@
+"""The cache directory: where it is, what lives in it, and checked entries.
+
+One table (:data:`SUBDIRS`) names every part of the cache, so ``hshelper clean`` and
+``hshelper info`` see all of it. Files that a run boots from (the initrd and its
+uncompressed twin, the unpacked kernel, saved VM states) are written with a record of
+their size and CRC-32 beside them (``NAME.sum``) and checked against it before use: a
+truncated or damaged entry (a full disk, a crash of an older version, a bad sector) is
+discarded and made again instead of failing every later run. CRC-32 because it is the
+cheapest digest the standard library has (3.4 GB/s here against 1.1 GB/s for SHA-256):
+it guards against damage, not against someone who can write the cache anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+from hshelper.atomic import write_atomic
+from hshelper.errors import HshelperError
+
+SUBDIRS = {
+    "images": "helper initrds, one directory per content key",
+    "plans": "warm-path memos: which image a set of inputs last made",
+    "kernels": "kernels unpacked for qemu (PVH vmlinux, zboot payloads)",
+    "modindex": "module metadata read from kernels without modules.dep",
+    "probe": "KVM probe answers, valid for one boot of the machine",
+    "states": "saved VM states to restore instead of booting",
+    "logs": "kernel console logs of failed runs (the last few)",
+}
+CHUNK = 1 << 20
+
+
+def root(config) -> Path:
+    """The cache directory: configured, else XDG, else a private one in /var/tmp or /tmp
+    (a build user's HOME is often missing or read-only)."""
+    configured = config.get("image", "cache_dir")
+    candidates = [Path(configured)] if configured else []
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    home = os.environ.get("HOME")
+    if xdg:
+        candidates.append(Path(xdg) / "hshelper")
+    if home:
+        candidates.append(Path(home) / ".cache" / "hshelper")
+    for tmp in (os.environ.get("TMPDIR"), "/var/tmp", "/tmp"):
+        if tmp:
+            candidates.append(Path(tmp) / f"hshelper-cache-{os.getuid()}")
+    for path in candidates:
+        try:
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError:
+            continue
+        if os.access(path, os.W_OK | os.X_OK) and path.stat().st_uid == os.getuid():
+            return path
+    raise HshelperError("no writable cache directory",
+                        hint="set HSHELPER_IMAGE_CACHE_DIR or [image] cache_dir")
+
+
+def subdir(config, name: str) -> Path:
+    """``root/name``, made when missing; ``name`` must be one of :data:`SUBDIRS`."""
+    if name not in SUBDIRS:
+        raise ValueError(f"unknown cache part {name}")
+    path = root(config) / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def sizes(base: Path) -> dict[str, int]:
+    """Bytes used by each part of the cache under ``base``."""
+    out = {}
+    for name in SUBDIRS:
+        total = 0
+        for dirpath, _, files in os.walk(base / name):
+            for file in files:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(dirpath, file)).st_size
+        out[name] = total
+    return out
+
+
+def clean(base: Path) -> list[str]:
+    """Remove every part of the cache; returns the names removed."""
+    removed = []
+    for name in SUBDIRS:
+        if (base / name).exists():
+            shutil.rmtree(base / name, ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+# ---------------------------------------------------------------- checked entries
+
+
+def crc_of(path: Path) -> tuple[int, int]:
+    """(size, CRC-32) of a file, read in chunks."""
+    crc = 0
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return size, crc
+
+
+def _sum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sum")
+
+
+def record(path: Path) -> None:
+    """Write the size-and-CRC record of a finished file (atomically, beside it)."""
+    size, crc = crc_of(path)
+    write_atomic(_sum_path(path), json.dumps({"size": size, "crc32": crc}).encode())
+
+
+def write_checked(path: Path, data: bytes) -> Path:
+    """Write ``data`` atomically with its record; returns ``path``."""
+    write_atomic(path, data)
+    write_atomic(_sum_path(path), json.dumps(
+        {"size": len(data), "crc32": zlib.crc32(data)}).encode())
+    return path
+
+
+def damage(path: Path) -> str | None:
+    """Why a checked entry cannot be used (missing, no record, wrong size or CRC), or
+    None when it is whole. The size is compared first: a truncation costs one stat."""
+    try:
+        want = json.loads(_sum_path(path).read_text())
+        st = path.stat()
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError):
+        return "its record is unreadable"
+    if st.st_size != want.get("size"):
+        return f"{st.st_size} bytes instead of {want.get('size')}"
+    try:
+        _, crc = crc_of(path)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror}"
+    if crc != want.get("crc32"):
+        return "its content changed since it was written"
+    return None
+
+
+def discard(path: Path) -> None:
+    """Remove a checked entry and its record."""
+    for victim in (path, _sum_path(path)):
+        with contextlib.suppress(FileNotFoundError):
+            victim.unlink()
+
+
+@contextlib.contextmanager
+def locked(path: Path, shared: bool = False):
+    """Hold ``path`` (a lock file, made when missing) locked for the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield

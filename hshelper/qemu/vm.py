@@ -1,0 +1,243 @@
+"""One helper VM: qemu started, its channels served, its end classified.
+
+The run follows the guest ABI (hshelper.guestabi): the guest boots and says ``ready``;
+the host answers with the run script; the guest says ``started``, the command's output
+streams back, ``status N`` ends it. Meanwhile qemu's control channel (QMP) reports
+what qemu knows: a fatal event (a write error on a disk, a guest panic, an unexplained
+pause) ends the run at once instead of leaving a paused VM to wait for an operator.
+
+Limits: the boot (until ``started``) and the command (from ``started``) have separate
+deadlines, so a timeout says which one ran out; a stop request (SIGINT/SIGTERM) kills
+qemu at once. qemu never outlives this object (hshelper.qemu.process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hshelper import guestabi
+from hshelper.qemu import outcome, process
+from hshelper.qemu.argv import BootSpec, qemu_argv
+from hshelper.qemu.channels import Channels, Loop
+from hshelper.qemu.machines import Machine
+from hshelper.qemu.qmp import QMP
+
+# Events that end a run at once: qemu has paused the guest (or it panicked) and nobody
+# will resume it. BLOCK_IO_ERROR with action "stop" comes from werror=stop on a drive.
+FATAL_EVENTS = ("GUEST_PANICKED",)
+DRAIN_SECONDS = 2.0  # after qemu exits, how long buffered output may take to arrive
+
+
+@dataclass
+class Activity:
+    """Live facts about a running VM, for plugins that watch it (heartbeat)."""
+
+    started: float = field(default_factory=time.monotonic)
+    last_output: float = field(default_factory=time.monotonic)
+    finished: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Deadlines in seconds (None: none): booting until the command starts, the
+    command itself."""
+
+    boot: float | None = None
+    command: float | None = None
+
+
+@dataclass
+class StopRequest:
+    """Set by signal handlers: the run ends with ``status`` (128 + the signal)."""
+
+    event: threading.Event = field(default_factory=threading.Event)
+    status: int = 130
+
+    def request(self, status: int) -> None:
+        self.status = status
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+
+def fatal(event: dict) -> bool:
+    """Whether a qemu event means the guest will never continue by itself."""
+    name = event.get("event")
+    if name == "BLOCK_IO_ERROR":
+        return event.get("data", {}).get("action") == "stop"
+    return name in FATAL_EVENTS
+
+
+class VM:
+    """One qemu process and its channels."""
+
+    def __init__(self, qemu: str, machine: Machine, boot: BootSpec, devices: list[str],
+                 console_log: Path, forward_stdin: bool = False, verbose: bool = False,
+                 disk_files: dict[str, str] | None = None,
+                 on_event: Callable[[dict], str | None] | None = None):
+        self.qemu = qemu
+        self.machine = machine
+        self.boot = boot
+        self.devices = devices
+        self.console_log = console_log
+        self.forward_stdin = forward_stdin
+        self.verbose = verbose
+        self.disk_files = disk_files or {}
+        self.on_event = on_event
+        self.activity = Activity()
+        self.channels = Channels(("console", "qmp", *guestabi.PORTS))
+        self.argv = qemu_argv(qemu, machine, boot, self.channels.fds(), devices)
+        self.proc = None
+        self.qmp = QMP(self.channels.ours["qmp"], on_event=self._event)
+        self.script = b""
+        # What the run observed, for outcome.classify.
+        self._status: int | None = None
+        self._ready = False
+        self._started: float | None = None
+        self._stderr = b""
+        self._control = b""
+        self._plugin_reason = ""
+        self._loop: Loop | None = None
+
+    # ------------------------------------------------------------ start and stop
+
+    def start(self, extra: tuple[str, ...] = ()) -> None:
+        self.activity.started = time.monotonic()
+        self.proc = process.spawn([*self.argv, *extra], list(self.channels.fds().values()))
+        self.channels.handed_over()
+        if self.forward_stdin:
+            threading.Thread(target=self._pump_stdin, daemon=True).start()
+        else:
+            # The guest reads /dev/null then; closing tells qemu nobody will write.
+            self.channels.ours[guestabi.STDIN].close()
+
+    def kill(self) -> None:
+        process.kill(self.proc)
+
+    def _pump_stdin(self) -> None:
+        sock = self.channels.ours[guestabi.STDIN]
+        try:
+            while chunk := os.read(sys.stdin.fileno(), 65536):
+                sock.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            # A closed host end is an EOF for the guest's reader.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+
+    # ------------------------------------------------------------ channel handlers
+
+    def _on_console(self, log) -> Callable[[bytes], None]:
+        def handle(data: bytes) -> None:
+            log.write(data)
+            log.flush()
+            if self.verbose and data:
+                sys.stderr.buffer.write(data)
+                sys.stderr.buffer.flush()
+        return handle
+
+    def _on_output(self, stream) -> Callable[[bytes], None]:
+        def handle(data: bytes) -> None:
+            if data:
+                stream.write(data)
+                stream.flush()
+                self.activity.last_output = time.monotonic()
+        return handle
+
+    def _on_control(self, data: bytes) -> None:
+        self._control += data
+        while b"\n" in self._control:
+            line, self._control = self._control.split(b"\n", 1)
+            words = line.decode(errors="replace").split()
+            if not words:
+                continue
+            if words[0] == guestabi.READY and not self._ready:
+                self._ready = True
+                self._send_script()
+            elif words[0] == guestabi.STARTED and self._started is None:
+                self._started = time.monotonic() - self.activity.started
+            elif words[0] == guestabi.STATUS and len(words) == 2 and words[1].isdigit():
+                self._status = int(words[1])
+
+    def _send_script(self) -> None:
+        assert self._loop is not None
+        header = f"{guestabi.SCRIPT} {len(self.script)}\n".encode()
+        self._loop.send(self.channels.ours[guestabi.CONTROL], header + self.script)
+
+    def _on_qmp(self, data: bytes) -> None:
+        if data:
+            self.qmp.feed(data)
+
+    def _on_stderr(self, data: bytes) -> None:
+        self._stderr += data
+
+    def _event(self, event: dict) -> None:
+        reason = self.on_event(event) if self.on_event else None
+        if reason and not self._plugin_reason:
+            self._plugin_reason = reason
+        if reason or fatal(event):
+            self.kill()
+
+    # ------------------------------------------------------------ the run
+
+    def run(self, script: bytes, limits: Limits, stop: StopRequest) -> outcome.Outcome:
+        """Serve the channels until qemu has exited and every channel is drained."""
+        assert self.proc is not None and self.proc.stderr is not None
+        self.script = script
+        loop = self._loop = Loop()
+        ours = self.channels.ours
+        timed_out, limit = "", None
+        with open(self.console_log, "wb") as log:
+            try:
+                loop.add(ours["console"], self._on_console(log))
+                loop.add(ours[guestabi.STDOUT], self._on_output(sys.stdout.buffer))
+                loop.add(ours[guestabi.STDERR], self._on_output(sys.stderr.buffer))
+                loop.add(ours[guestabi.CONTROL], self._on_control)
+                loop.add(ours["qmp"], self._on_qmp)
+                loop.add(self.proc.stderr, self._on_stderr)
+                exited_at = None
+                while loop.open_count():
+                    loop.step(0.2)
+                    now = time.monotonic()
+                    if not timed_out:
+                        timed_out, limit = self._over(limits, now - self.activity.started)
+                    if stop.is_set() or timed_out:
+                        self.kill()
+                    if self.proc.poll() is not None:
+                        exited_at = exited_at or now
+                        if now - exited_at > DRAIN_SECONDS:
+                            break  # something else holds a channel open: stop waiting
+            finally:
+                loop.close()
+                self.kill()
+                self.channels.close()
+                self.activity.finished.set()
+        seen = outcome.Observed(
+            status=self._status, ready=self._ready, started=self._started,
+            elapsed=time.monotonic() - self.activity.started, timed_out=timed_out,
+            limit=limit, signal_status=stop.status if stop.is_set() else None,
+            returncode=self.proc.returncode,
+            qemu_stderr=self._stderr.decode(errors="replace"),
+            console=self.console_log.read_text(errors="replace"),
+            events=tuple(self.qmp.events), disk_files=self.disk_files,
+            plugin_reason=self._plugin_reason)
+        return outcome.classify(seen)
+
+    def _over(self, limits: Limits, elapsed: float) -> tuple[str, float | None]:
+        """Which limit has run out ("boot", "command" or "") and its length."""
+        if self._started is None:
+            if limits.boot and elapsed > limits.boot:
+                return "boot", limits.boot
+        elif limits.command and elapsed - self._started > limits.command:
+            return "command", limits.command
+        return "", None

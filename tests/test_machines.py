@@ -1,0 +1,100 @@
+"""The machine table and the qemu command line built from it: every row names things
+that the installed qemu really has, and the argv for each architecture is what qemu
+accepts (checked by qemu itself, without booting anything)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hshelper.errors import HshelperError
+from hshelper.guestabi import PORTS
+from hshelper.qemu import machines
+from hshelper.qemu.argv import BootSpec, qemu_argv
+
+ROWS = list(machines.MACHINES.values())
+
+
+def _qemu(row: machines.Machine) -> str:
+    path = shutil.which(row.qemu)
+    if path is None:
+        pytest.skip(f"{row.qemu} is not installed here")
+    return path
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.arch for r in ROWS])
+def test_row_names_what_qemu_has(row):
+    qemu = _qemu(row)
+    machine_type = row.machine_tcg.split(",")[0]
+    types = subprocess.run([qemu, "-machine", "help"], capture_output=True, text=True,
+                           check=True).stdout
+    assert any(line.split()[:1] == [machine_type] for line in types.splitlines())
+    cpus = subprocess.run([qemu, "-machine", machine_type, "-cpu", "help"],
+                          capture_output=True, text=True, check=True).stdout
+    model = row.tcg_cpu.split(",")[0]
+    assert model in cpus.split(), f"{model} not among {row.qemu}'s CPU models"
+    devices = subprocess.run([qemu, "-machine", machine_type, "-device", "help"],
+                             capture_output=True, text=True, check=True).stdout
+    for kind in ("virtio-serial", "virtio-blk", "virtio-9p"):
+        assert f'"{row.device(kind)}"' in devices
+    if row.pvpanic:
+        assert f'"{row.pvpanic}"' in devices
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.arch for r in ROWS])
+def test_argv_is_accepted_by_qemu(row, tmp_path):
+    """qemu parses the whole command line and builds the machine (devices, chardevs,
+    CPU properties) before it would load the kernel: a missing kernel file is then the
+    first and only complaint."""
+    qemu = _qemu(row)
+    boot = BootSpec("tcg", 256, 1, tmp_path / "no-kernel", tmp_path / "no-initrd", "quiet")
+    fds = {name: 0 for name in ("console", "qmp", *PORTS)}
+    argv = qemu_argv(qemu, row, boot, fds, [])
+    # fd 0 for every socket chardev would be refused; null chardevs stand in for them.
+    argv = [a if not a.startswith("socket,id=") else "null," + a.split(",")[1]
+            for a in argv]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "no-kernel" in out.stderr, out.stderr
+
+
+def test_argv_per_architecture_uses_its_transport_and_console():
+    boot = BootSpec("tcg", 256, 1, Path("/k"), Path("/i"), "console=X")
+    fds = {name: 3 for name in ("console", "qmp", *PORTS)}
+    s390 = qemu_argv("q", machines.lookup("s390x"), boot, fds, [])
+    assert "virtio-serial-ccw,id=hshser" in s390 and "s390-ccw-virtio,accel=tcg" in s390
+    arm = qemu_argv("q", machines.lookup("arm64"), boot, fds, [])
+    assert "max,pauth=off" in arm and "virt,accel=tcg" in arm
+    kvm = qemu_argv("q", machines.lookup("arm64"), BootSpec("kvm", 256, 1, Path("/k"),
+                                                              Path("/i"), ""), fds, [])
+    assert "virt,gic-version=host,accel=kvm" in kvm and kvm[kvm.index("-cpu") + 1] == "host"
+    override = BootSpec("tcg", 256, 1, Path("/k"), Path("/i"), "", tcg_cpu="cortex-a57")
+    assert "cortex-a57" in qemu_argv("q", machines.lookup("aarch64"), override, fds, [])
+
+
+@pytest.mark.parametrize("name, arch", [("amd64", "x86_64"), ("arm64", "aarch64"),
+                                        ("ppc64el", "ppc64le"), ("s390x", "s390x"),
+                                        ("riscv64", "riscv64"), ("armhf", "armv7l")])
+def test_lookup_by_any_spelling(name, arch):
+    assert machines.lookup(name).arch == arch
+
+
+def test_unknown_architecture_is_an_error():
+    with pytest.raises(HshelperError, match="no helper VM for architecture mips"):
+        machines.lookup("mips")
+
+
+def test_from_elf_tells_endianness_and_class_apart():
+    assert machines.from_elf(machines.EM_PPC64, 64, True).arch == "ppc64le"
+    assert machines.from_elf(machines.EM_PPC64, 64, False) is None  # big-endian ppc64
+    assert machines.from_elf(machines.EM_S390, 64, False).arch == "s390x"
+    assert machines.from_elf(machines.EM_X86_64, 64, True).arch == "x86_64"
+
+
+def test_boot_modules_are_optional_boot_entries():
+    assert machines.boot_modules(machines.lookup("x86_64")) == ("virtio_pci?!",
+                                                                "pvpanic_mmio?!")
+    assert machines.boot_modules(machines.lookup("s390x")) == ("virtio_ccw?!",)

@@ -1,0 +1,69 @@
+"""The QMP client against a stand-in qemu on a socketpair that speaks QMP's wire format
+(greeting, capabilities negotiation, ids, errors, events in between)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+
+import pytest
+
+from hshelper.qemu.qmp import QMP, QMPError
+
+
+def fake_qemu(sock: socket.socket, script: list) -> threading.Thread:
+    """Greet, then answer each command in turn: ``script`` items are (expected command,
+    events to send first, reply) with reply a ``return`` value or an ``error`` dict."""
+    def serve():
+        reader = sock.makefile("rb")
+        sock.sendall(b'{"QMP": {"version": {"qemu": {"major": 7}}, "capabilities": []}}\n')
+        for expected, events, reply in script:
+            msg = json.loads(reader.readline())
+            assert msg["execute"] == expected, msg
+            for event in events:
+                sock.sendall(json.dumps(event).encode() + b"\r\n")
+            answer = {"error": reply} if isinstance(reply, dict) and "class" in reply \
+                else {"return": reply}
+            answer["id"] = msg["id"]
+            sock.sendall(json.dumps(answer).encode() + b"\r\n")
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_negotiates_then_executes_and_keeps_events():
+    ours, theirs = socket.socketpair()
+    stop = {"event": "STOP", "data": {}, "timestamp": {"seconds": 1, "microseconds": 0}}
+    fake_qemu(theirs, [("qmp_capabilities", [], {}),
+                       ("query-status", [stop], {"running": False, "status": "paused"})])
+    seen = []
+    qmp = QMP(ours, on_event=seen.append)
+    assert qmp.execute("query-status", timeout=5) == {"running": False, "status": "paused"}
+    assert seen == [stop] and qmp.events == [stop]
+
+
+def test_an_error_answer_raises_with_class_and_description():
+    ours, theirs = socket.socketpair()
+    fake_qemu(theirs, [("qmp_capabilities", [], {}),
+                       ("nonsense", [], {"class": "CommandNotFound",
+                                         "desc": "The command nonsense has not been found"})])
+    with pytest.raises(QMPError, match="CommandNotFound: The command nonsense"):
+        QMP(ours).execute("nonsense", timeout=5)
+
+
+def test_feed_handles_split_and_joined_messages():
+    ours, theirs = socket.socketpair()
+    qmp = QMP(ours)
+    qmp.feed(b'{"QMP": {}}\n{"event": "RES')
+    assert qmp.greeted and qmp.events == []
+    qmp.feed(b'UME", "data": {}}\n{"event": "STOP"}\n')
+    assert [e["event"] for e in qmp.events] == ["RESUME", "STOP"]
+    sent = json.loads(theirs.recv(4096))
+    assert sent["execute"] == "qmp_capabilities"
+
+
+def test_a_silent_peer_times_out():
+    ours, theirs = socket.socketpair()
+    with pytest.raises(Exception, match="did not greet"):
+        QMP(ours).execute("query-status", timeout=0.3)
