@@ -170,6 +170,19 @@ def read_ld_so_conf(root: Path, conf: str = "/etc/ld.so.conf", _depth: int = 0) 
     return list(dict.fromkeys(dirs))
 
 
+def multiarch_dirs(root: Path) -> list[str]:
+    """Debian's multiarch library directories in ``root`` (/lib/aarch64-linux-gnu, ...).
+    Debian's ld.so searches them by default, also without /etc/ld.so.conf (a root
+    unpacked without running libc-bin's scripts has none); a directory of another
+    architecture is harmless, as its libraries are skipped by their ELF header."""
+    found = []
+    for base in ("/lib", "/usr/lib"):
+        for match in sorted(glob.glob(str(rootpath.host_path(root, base)) + "/*-linux-gnu*")):
+            if os.path.isdir(match):
+                found.append(f"{base}/{os.path.basename(match)}")
+    return found
+
+
 def default_lib_dirs(info: ElfInfo) -> list[str]:
     """ld.so's built-in trusted directories, searched after ld.so.conf's."""
     if info.elf_class == 64 and info.machine in MACHINES_64_LIB64:
@@ -206,6 +219,7 @@ def elf_closure(root: Path, start: Iterable[str],
     """
     cache = {} if cache is None else cache
     conf_dirs = read_ld_so_conf(root) if search_dirs is None else list(search_dirs)
+    conf_dirs += [d for d in multiarch_dirs(root) if d not in conf_dirs]
 
     def info_of(guest: str) -> ElfInfo | None:
         try:
@@ -227,27 +241,32 @@ def elf_closure(root: Path, start: Iterable[str],
 
     files: set[str] = set()
     missing: list[tuple[str, str]] = []
-    todo = list(start)
+    todo: list[tuple[str, str]] = [(path, "") for path in start]
     while todo:
-        guest = rootpath.normalize(todo.pop())
+        guest, needed_by = todo.pop()
+        guest = rootpath.normalize(guest)
         if guest in files:
+            continue
+        if needed_by and not exists(guest):
+            # An interpreter or a library named by path that is not there.
+            missing.append((guest, needed_by))
             continue
         files.add(guest)
         info = info_of(guest)
         if info is None:
             interp = _shebang(root, guest)
             if interp:
-                todo.append(interp)
+                todo.append((interp, guest))
             continue
         if info.interp:
-            todo.append(info.interp)
+            todo.append((info.interp, guest))
         origin = os.path.dirname(guest)
         own = [] if info.runpath else list(info.rpath)
         dirs = [_expand(d, origin, info) for d in (*own, *info.runpath)]
         dirs += conf_dirs + default_lib_dirs(info)
         for needed in info.needed:
             if "/" in needed:
-                todo.append(_expand(needed, origin, info))
+                todo.append((_expand(needed, origin, info), guest))
                 continue
             for directory in dirs:
                 candidate = f"{directory.rstrip('/')}/{needed}"
@@ -256,7 +275,7 @@ def elf_closure(root: Path, start: Iterable[str],
                 lib = info_of(candidate)
                 if lib is None or lib.elf_class != info.elf_class or lib.machine != info.machine:
                     continue
-                todo.append(candidate)
+                todo.append((candidate, guest))
                 break
             else:
                 missing.append((needed, guest))

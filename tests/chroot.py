@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent
@@ -97,3 +98,26 @@ def fresh_dir(root: Path, name: str) -> str:
     host.mkdir(parents=True)
     os.chown(host, BUILD_UID, BUILD_UID)
     return guest
+
+
+def qemu_pids(root: Path) -> set[int]:
+    """qemu processes running inside ``root`` (any architecture's qemu-system)."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                exe = os.readlink(f"/proc/{entry}/exe")
+                where = os.readlink(f"/proc/{entry}/root")
+            except OSError:
+                continue
+            if "qemu-system-" in os.path.basename(exe) and str(root) in where:
+                pids.add(int(entry))
+    return pids
+
+
+def wait_no_qemu(root: Path, seconds: float = 10) -> bool:
+    """Whether every qemu in ``root`` is gone within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while qemu_pids(root) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not qemu_pids(root)

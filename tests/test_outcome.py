@@ -47,6 +47,10 @@ def test_panic_from_console_or_event():
     assert text.status == 125 and "Attempted to kill init" in text.reason
     event = classify(Observed(events=({"event": "GUEST_PANICKED", "data": {}},)))
     assert "pvpanic" in event.reason
+    both = classify(Observed(console="Kernel panic - not syncing: x",
+                             events=({"event": "GUEST_PANICKED", "data": {}},)))
+    assert both.reason == ("guest kernel panic: Kernel panic - not syncing: x "
+                           "(reported by qemu's pvpanic device)")
 
 
 def test_an_image_that_cannot_boot_is_marked_damaged():

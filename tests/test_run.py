@@ -167,18 +167,7 @@ def test_loop_device_round_trip(root):
     assert out == "loop-ok\n"
 
 
-def qemu_pids(root) -> set[int]:
-    pids = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                exe = os.readlink(f"/proc/{entry}/exe")
-            except OSError:
-                continue
-            if exe.endswith("qemu-system-x86_64") and str(root) in os.readlink(
-                    f"/proc/{entry}/root"):
-                pids.add(int(entry))
-    return pids
+qemu_pids = chroot.qemu_pids
 
 
 def test_sigterm_leaves_no_qemu_and_no_temp_files(root):

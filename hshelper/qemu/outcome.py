@@ -70,10 +70,12 @@ def _io_error(seen: Observed) -> str | None:
 
 def _panicked(seen: Observed) -> str | None:
     text = PANIC.search(seen.console)
+    reported = any(e.get("event") == "GUEST_PANICKED" for e in seen.events)
+    by = " (reported by qemu's pvpanic device)" if reported else ""
     if text:
-        return f"guest kernel panic: {text.group(0).strip()}"
-    if any(e.get("event") == "GUEST_PANICKED" for e in seen.events):
-        return "guest kernel panic (reported by the pvpanic device; see the kernel log)"
+        return f"guest kernel panic: {text.group(0).strip()}{by}"
+    if reported:
+        return f"guest kernel panic{by}; see the kernel log"
     return None
 
 
