@@ -37,8 +37,8 @@ def hshelper_config_keys() -> list[Key]:
             "architecture (hshelper info shows it)"),
         Key("run", "qemu", str, "", "the qemu program; empty: qemu-system-ARCH from PATH"),
         Key("run", "mode", str, "image",
-            "image: programs from the helper image; root: the build root is the guest's /",
-            ("image", "root")),
+            "image: the helper image over the build root (every installed tool); root: the "
+            "build root alone; isolated: the helper image alone", ("image", "root", "isolated")),
         Key("plugins", "disable", list, [], "built-in or installed plugins to turn off"),
         Key("plugins", "load", list, [], "local plugin files (Python) to load"),
     ]

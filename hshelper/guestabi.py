@@ -30,15 +30,18 @@ SCRIPT = "script"
 
 # Paths in the guest.
 MODULE_DIR = "/hshelper/modules"  # boot modules, unpacked and unsigned
+APPLET_DIR = "/hshelper/bb"  # busybox applets: first on the init's PATH, last on the command's
 RUN_SCRIPT = "/hshelper/run/run.sh"  # the run script, as received
 ROOT_DIR = "/hshelper/root"  # the build root's share (read-only)
 NEWROOT = "/hshelper/newroot"  # the command's root: the image over the build root
+NEWROOT_MARK = "/hshelper/run/newroot"  # exists once NEWROOT is ready (for modprobe)
 
 # Shell variables and functions the init defines for the run script and plugin steps.
 SHELL_NAMES = {
     "hsh_mount": "the cheapest mount program for explicit -t mounts (busybox's if any)",
     "hsh_guest_env": "NAME=VALUE words only the guest knows (disk devices), for the command",
     "hsh_chroot": "set by a step: run the command chrooted into this directory",
+    "hsh_newroot": "where the command's / is, seen from the init ('' when isolated)",
     "hsh_setup": "defined by the run script: the plugins' per-run steps, in order",
     "hsh_payload": "defined by the run script: runs the command with its environment",
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 
+from hshelper.guestabi import APPLET_DIR
 from hshelper.model import RunSpec
 
 # Never cross into the guest: preload tricks of the build root (fakeroot, eatmydata),
@@ -35,9 +36,30 @@ def guest_env(env: dict[str, str] | tuple[tuple[str, str], ...]) -> list[tuple[s
     PATH often lacks them, and that is where mkfs and sfdisk live)."""
     items = dict(env)
     path = [p for p in items.get("PATH", "/usr/bin:/bin").split(":") if p]
-    items["PATH"] = ":".join(path + [d for d in SBIN_DIRS if d not in path])
+    path += [d for d in SBIN_DIRS if d not in path]
+    # busybox's applets stand in for programs the build root lacks, so they come last.
+    items["PATH"] = ":".join([d for d in path if d != APPLET_DIR] + [APPLET_DIR])
     return sorted((k, v) for k, v in items.items()
                   if k not in DROP_ENV and _NAME.fullmatch(k) and "\0" not in v)
+
+
+def fstab_escape(field: str) -> str:
+    """A field as fstab writes it: blanks and backslashes as octal escapes (getmntent,
+    which both busybox's and util-linux's mount read fstab with, decodes them)."""
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in field)
+
+
+def fstab(entries: list[tuple[str, str, str, str]]) -> str:
+    """fstab lines for (what, where, type, options)."""
+    return "".join(" ".join(map(fstab_escape, entry)) + " 0 0\n" for entry in entries)
+
+
+def write_and_mount(name: str, text: str) -> list[str]:
+    """Shell lines: write ``text`` to /hshelper/run/fstab.NAME (with the shell's own
+    printf: no program start) and mount all of it with one mount program (under TCG
+    every program start costs tens of milliseconds)."""
+    path = f"/hshelper/run/fstab.{name}"
+    return [f"printf '%s' {quote(text)} >{path}", f"$hsh_mount -a -T {path}"]
 
 
 def payload_script(spec: RunSpec) -> str:

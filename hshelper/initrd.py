@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hshelper import __version__, cache, cpio, elf, kmod, rootpath, runner
+from hshelper import __version__, cache, cpio, elf, guestabi, kmod, rootpath, runner
 from hshelper.errors import HshelperError
 from hshelper.model import Contents, ImageResult, Program
 from hshelper.qemu.machines import Choice
@@ -35,7 +35,8 @@ from hshelper.sysroot import DEFAULT_PATH, Kernel, Sysroot
 # every run appends one.
 COMPRESSION_ORDER = ("zstd", "gzip", "xz")
 KCONFIG_FOR = {"zstd": "CONFIG_RD_ZSTD", "gzip": "CONFIG_RD_GZIP", "xz": "CONFIG_RD_XZ"}
-MODULE_DIR = "/hshelper/modules"
+MODULE_DIR = guestabi.MODULE_DIR
+APPLET_DIR = guestabi.APPLET_DIR
 STANDARD_DIRS = ("/bin", "/sbin", "/lib", "/lib64", "/usr/bin", "/usr/sbin", "/usr/lib",
                  "/usr/lib64")
 
@@ -332,8 +333,10 @@ def plan_image(host, sysroot: Sysroot, config,
         has_applet = bool(busybox) and prog.name in sysroot.applets
         if has_applet and prog.applet and (prog.prefer_applet or real is None):
             must.append(busybox)
-            name = prog.name if "/" in prog.name else f"/bin/{prog.name}"
-            builder.link(sysroot_path_for_link(sysroot, name), busybox, "busybox applet")
+            # Applets live apart, last on the command's PATH: they stand in only for
+            # programs the build root lacks, never in front of an installed one.
+            builder.link(f"{APPLET_DIR}/{os.path.basename(prog.name)}", busybox,
+                         "busybox applet")
         elif real is not None:
             if prog.required or prog.essential:
                 must.append(real)
@@ -487,17 +490,6 @@ def _memo_read(path: Path) -> dict | None:
         if watch_stamp(watched) != stamp:
             return None
     return memo
-
-
-def sysroot_path_for_link(sysroot: Sysroot, guest: str) -> str:
-    """Where a new link at ``guest`` really lands: its directory resolved in the root
-    (so /bin/sh becomes /usr/bin/sh on a merged-/usr root, next to the /bin link)."""
-    parent = os.path.dirname(guest)
-    try:
-        real_parent = rootpath.resolve(sysroot.root, parent).path
-    except (OSError, rootpath.RootPathError):
-        real_parent = parent
-    return f"{real_parent.rstrip('/')}/{os.path.basename(guest)}"
 
 
 def archive_entries(plan: ImagePlan) -> list[cpio.Entry]:

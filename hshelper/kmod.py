@@ -495,17 +495,22 @@ def modprobe_table(tree: ModuleTree, plan: ModulePlan) -> str:
 
     Lines: "alias PATTERN MODULE" (shell glob patterns request_module() may use),
     "needs MODULE DEP... MODULE" (its load order) and "node NAME c|b MAJOR MINOR" (device
-    nodes whose opening makes the kernel ask for a module, like /dev/loop-control).
+    nodes whose opening makes the kernel ask for a module, like /dev/loop-control), for
+    every module of the kernel that has one (as ``kmod static-nodes`` makes them on an
+    ordinary system: /dev/mapper/control loads dm_mod from the build root on open).
     """
     lines = []
     for name, _ in plan.order:
         lines += [f"alias {pattern} {name}" for pattern in tree.request_aliases(name)]
     for name, _ in plan.order:
         lines.append(f"needs {name} {' '.join(plan.needs[name])}")
+    nodes = dict(tree.devnames or {})
     for name, _ in plan.order:
         node = tree.devname(name)
         if node:
-            lines.append("node {} {} {} {}".format(*node))
+            nodes[name] = node
+    for name in sorted(nodes):
+        lines.append("node {} {} {} {}".format(*nodes[name]))
     return "".join(line + "\n" for line in lines)
 
 

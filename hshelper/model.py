@@ -97,6 +97,8 @@ class Share:
     guest: str
     readonly: bool = False
     tag: str = ""
+    automount: bool = True  # False: its plugin mounts it (the build root share)
+    mapped: bool = False  # owners and modes as root sets them, in xattrs (mapped9p)
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,9 @@ class RunSpec:
     stdin: bool = False  # forward the host's stdin
     verbose: bool = False
     interactive: bool = False  # `hshelper shell`: a terminal on the serial console
+    # The command's filesystem: "image" (the image over the build root), "root" (the
+    # build root alone) or "isolated" (the image alone); see plugins/buildroot.py.
+    mode: str = "image"
     extra: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
 

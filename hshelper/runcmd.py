@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="accelerator: auto probes KVM for real and falls back to TCG")
     parser.add_argument("--skip-without-kvm", action="store_true",
                         help="when KVM does not work, skip the command: warn and exit 0")
-    parser.add_argument("--mode", choices=("image", "root"),
+    parser.add_argument("--mode", choices=("image", "root", "isolated"),
                         help="image: the helper image's programs; root: the build root is "
                              "the guest's / (read-only), every installed tool is there")
     parser.add_argument("--qemu", metavar="PROG", help="the qemu program")
@@ -167,11 +167,12 @@ def _signal_handlers(stop: StopRequest):
     return old
 
 
-def chain_run_spec(host, spec: RunSpec, config, args) -> RunSpec:
-    """Let each plugin adjust the spec, seeing the previous result: last registered
-    first, as pluggy calls hooks (so ``mkimage`` sees the disks and the recipe)."""
+def chain_run_spec(host, spec: RunSpec, config, args, image) -> RunSpec:
+    """Let each plugin adjust the spec, seeing the previous result: in pluggy's call
+    order (tryfirst ones, then last registered first: ``mkimage`` sees the disks and
+    the recipe)."""
     for impl in reversed(host.pm.hook.hshelper_run_spec.get_hookimpls()):
-        kwargs = {"spec": spec, "config": config, "args": args}
+        kwargs = {"spec": spec, "config": config, "args": args, "image": image}
         changed = impl.function(**{k: kwargs[k] for k in impl.argnames})
         if changed is not None:
             spec = changed
@@ -211,18 +212,19 @@ def main(session, args, config, shell: bool = False) -> int:
     if not spec.cpus:
         spec = dataclasses.replace(spec, cpus=1 if accel.name == "tcg" else
                                    min(2, os.cpu_count() or 1, machine.max_cpus))
-    spec = chain_run_spec(host, spec, config, args)
-    if not any(spec.cwd == s.guest or spec.cwd.startswith(s.guest.rstrip("/") + "/")
-               for s in spec.shares):
+    image = initrd.build_image(host, sysroot, config)
+    spec = chain_run_spec(host, spec, config, args, image)
+    if not any(s.automount and (spec.cwd == s.guest or spec.cwd.startswith(
+            s.guest.rstrip("/") + "/")) for s in spec.shares):
         # Not shared (--no-share-cwd, or no share plugin): the guest starts in /.
         spec = dataclasses.replace(spec, cwd="/")
     interpreter = script_shell(spec.cwd, spec.argv[0], os.environ.get("PATH", ""))
-    if interpreter and config.get("run", "mode") == "image" and not spec.interactive:
-        # `helper-run mkimage.sh` with `#!/bin/bash`: bash joins the image (a cached
-        # variant), although the program budget leaves it out by default.
+    if interpreter and spec.mode == "isolated" and not spec.interactive:
+        # `helper-run mkimage.sh` with `#!/bin/bash` and no build root to take bash
+        # from: bash joins the image (a cached variant).
         config = config.with_layer(Layer(f"#! line of {spec.argv[0]}", {
             "image.programs": [*config.get("image", "programs"), interpreter]}))
-    image = initrd.build_image(host, sysroot, config)
+        image = initrd.build_image(host, sysroot, config)
     if "virtio_console" not in image.features:
         raise HshelperError(f"kernel {image.kernel_version} has no virtio_console module, "
                             "which carries the command's output",

@@ -52,9 +52,11 @@ def hshelper_image_contents(config, machine):
     init = guest.joinpath("init").read_bytes()
     modprobe = guest.joinpath("modprobe").read_bytes()
     # util-linux mount where installed: busybox's cannot detect a filesystem's type, and
-    # `mount /dev/vda2 /mnt` is what recipes write.
+    # `mount /dev/vda2 /mnt` is what recipes write. /bin/sh is the build root's own (it
+    # runs the init and every #!/bin/sh script), busybox's only where it is the shell.
     programs = [Program(p, required=p in ("sh", "mount", "insmod", "env"),
-                        prefer_applet=p not in REAL_PROGRAMS, essential=True)
+                        applet=p != "sh", prefer_applet=p not in REAL_PROGRAMS + ("sh",),
+                        essential=True)
                 for p in INIT_PROGRAMS]
     # Busybox's applets for the everyday utilities keep the image small (GNU coreutils,
     # grep, sed, findutils weigh 5 MB with their libraries); roots without busybox get

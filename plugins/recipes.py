@@ -21,24 +21,25 @@ GUEST_DIR = "/hshelper/recipes"
 EOF_WORD = "HSHELPER_RECIPE_EOF"
 
 
-def resolve(name: str, root_mode: bool) -> str:
+def resolve(name: str) -> str:
     """The guest path of recipe ``name`` (a name only, never a path)."""
     found = recipes.available()
     if name not in found:
         raise HshelperError(f"--recipe: no recipe named {name!r} (there are: "
                             f"{', '.join(found) or 'none'}; hshelper recipes lists them)",
                             status=2)
-    return str(found[name].path) if root_mode else f"{GUEST_DIR}/{name}.sh"
+    return f"{GUEST_DIR}/{name}.sh"
 
 
-def install_code(scripts: dict[str, str], directory: str = GUEST_DIR) -> str:
-    """Shell code that writes the scripts to ``directory`` (quoted here-documents)."""
-    lines = [f"mkdir -p {quote(directory)}"]
+def install_code(scripts: dict[str, str], directory: str = quote(GUEST_DIR)) -> str:
+    """Shell code that writes the scripts to ``directory`` (shell text, quoted by the
+    caller) in quoted here-documents."""
+    lines = [f"mkdir -p {directory}"]
     for file_name, text in scripts.items():
         if EOF_WORD in text:
             raise HshelperError(f"recipe {file_name} contains {EOF_WORD}, which ends the "
                                 "here-document that carries it")
-        target = quote(f"{directory}/{file_name}")
+        target = f"{directory}/{quote(file_name)}"
         lines.append(f"cat >{target} <<'{EOF_WORD}'\n{text.rstrip()}\n{EOF_WORD}")
         lines.append(f"chmod 755 {target}")
     return "\n".join(lines)
@@ -53,17 +54,17 @@ def hshelper_add_arguments(parser, command):
 
 
 @hookimpl
-def hshelper_run_spec(spec, config, args):
+def hshelper_run_spec(spec, args):
     if not getattr(args, "recipe", False):
         return None
-    root_mode = config.get("run", "mode") == "root"
-    path = resolve(spec.argv[0], root_mode)
+    path = resolve(spec.argv[0])
     return dataclasses.replace(spec, argv=(path, *spec.argv[1:]),
                                extra={**spec.extra, "recipe": spec.argv[0]})
 
 
 @hookimpl
 def hshelper_guest_setup(spec):
-    if "recipe" not in spec.extra or spec.extra.get("mode") == "root":
+    if "recipe" not in spec.extra:
         return []
-    return [("recipes", install_code(recipes.scripts()))]
+    # Into the command's root (the overlay's writable layer, or the image itself).
+    return [("recipes", install_code(recipes.scripts(), f'"$hsh_newroot"{GUEST_DIR}'))]

@@ -2,23 +2,29 @@
 
 The working directory is always shared at its own absolute path, so relative paths in a
 recipe mean the same in the guest; ``--share DIR[:GUESTDIR][:ro]`` adds more. Files the
-guest creates belong to the user running qemu: the build user. QEMU's 9p server needs
-/proc (it reopens files through /proc/self/fd): without it every create fails with a
-confusing ENOENT, so a missing /proc is diagnosed before boot. No config keys.
+guest creates belong to the user running qemu: the build user. Inside the guest, root's
+view of a writable share is that of a root-owned local filesystem (chown, mknod,
+setuid bits), kept in xattrs where the host filesystem has them (hshelper.mapped9p).
+QEMU's 9p server needs /proc (it reopens files through /proc/self/fd): without it every
+create fails with a confusing ENOENT, so a missing /proc is diagnosed before boot. No
+config keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import time
 from pathlib import Path
 
+from hshelper import mapped9p
 from hshelper.errors import HshelperError
-from hshelper.guestrun import quote
+from hshelper.guestrun import fstab_escape, quote
 from hshelper.hookspecs import hookimpl
 from hshelper.model import Contents, Share
 
-MODULES = ("9p?", "9pnet_virtio?")
+MODULES = ("9p?!", "9pnet_virtio?!")
 
 
 def parse_share(text: str) -> Share:
@@ -55,6 +61,8 @@ def hshelper_add_arguments(parser, command):
 
 @hookimpl
 def hshelper_image_contents():
+    # Loaded at boot: nearly every run shares its working directory, and a module the
+    # kernel asks for on demand costs a round trip through the guest's modprobe script.
     return Contents(modules=MODULES)
 
 
@@ -64,8 +72,18 @@ def hshelper_run_spec(spec, args):
     if not getattr(args, "no_share_cwd", False) and spec.cwd != "/":
         shares.insert(0, Share(Path(spec.cwd), spec.cwd))
     shares += [parse_share(t) for t in getattr(args, "share", [])]
-    tagged = tuple(dataclasses.replace(s, tag=f"hsh{i}") for i, s in enumerate(shares))
-    return dataclasses.replace(spec, shares=tagged)
+    out = []
+    for i, share in enumerate(shares):
+        if not share.tag:
+            share = dataclasses.replace(share, tag=f"hsh{i}")
+        if not share.readonly and share.automount:
+            mapped = mapped9p.supported(share.host)
+            if not mapped and spec.verbose:
+                print(f"hshelper: {share.host} cannot hold user xattrs: root in the guest "
+                      "cannot chown or mknod there", file=sys.stderr)
+            share = dataclasses.replace(share, mapped=mapped)
+        out.append(share)
+    return dataclasses.replace(spec, shares=tuple(out))
 
 
 @hookimpl
@@ -84,7 +102,13 @@ def hshelper_qemu_args(spec, image, machine):
                             hint=needs_proc_hint())
     args = []
     for share in spec.shares:
-        fsdev = f"local,id={share.tag},path={share.host},security_model=none"
+        if share.mapped:
+            # Owners, modes and device nodes as root made them, kept in xattrs
+            # (hshelper.mapped9p); new files readable on the host meanwhile.
+            fsdev = (f"local,id={share.tag},path={share.host},security_model=mapped-xattr,"
+                     "fmode=0644,dmode=0755")
+        else:
+            fsdev = f"local,id={share.tag},path={share.host},security_model=none"
         if share.readonly:
             fsdev += ",readonly=on"
         args += ["-fsdev", fsdev,
@@ -93,13 +117,37 @@ def hshelper_qemu_args(spec, image, machine):
     return args
 
 
+@hookimpl(hookwrapper=True)
+def hshelper_run_vm(spec):
+    started = time.time()
+    try:
+        yield
+    finally:
+        for share in spec.shares:
+            if share.mapped:
+                mapped9p.settle(share.host, started)
+
+
 @hookimpl
 def hshelper_guest_setup(spec):
-    lines = []
-    for share in spec.shares:
+    shares = [s for s in spec.shares if s.automount]
+    if not shares:
+        return []
+    entries = []
+    for share in shares:
         opts = "trans=virtio,version=9p2000.L,msize=262144,cache=mmap"
         if share.readonly:
             opts += ",ro"
-        lines.append(f"mkdir -p {quote(share.guest)} && "
-                     f"$hsh_mount -t 9p -o {opts} {share.tag} {quote(share.guest)}")
-    return [("share9p", "\n".join(lines))] if lines else []
+        entries.append((share.tag, share.guest, "9p", opts))
+    # Where the command sees them: under its root when that is the overlay (after the
+    # overlay's own /tmp, so a working directory under /tmp is shared too). The
+    # mount points are made only where missing (each program start costs under TCG).
+    dirs = " ".join(f'"$hsh_newroot"{quote(s.guest)}' for s in shares)
+    lines = [f"for hsh_d in {dirs}; do [ -d \"$hsh_d\" ] || mkdir -p \"$hsh_d\"; done",
+             # The fstab's mount points, prefixed with the command's root, by printf.
+             "printf '%s\\n' " + " ".join(
+                 f'{quote(tag + " ")}"$hsh_newroot"'
+                 f'{quote(f"{fstab_escape(where)} {kind} {opts} 0 0")}'
+                 for tag, where, kind, opts in entries) + " >/hshelper/run/fstab.shares",
+             "$hsh_mount -a -T /hshelper/run/fstab.shares"]
+    return [("share9p", "\n".join(lines))]

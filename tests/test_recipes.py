@@ -18,6 +18,7 @@ from hshelper.plugins import recipes as plugin
 
 from hshelper import recipes as recipe_files
 from hshelper.errors import HshelperError
+from hshelper.guestrun import quote
 
 # Tests in the build root (VMs) are marked slow and vm; the others run anywhere.
 
@@ -335,7 +336,7 @@ def test_recipe_files_travel_intact_in_the_setup_code(tmp_path):
     """The here-documents of the plugin's guest step reproduce every file exactly."""
     scripts = recipe_files.scripts()
     assert {"mkimage.sh", "mkimage-mbr.sh", "mkimage-loop.sh"} <= set(scripts)
-    code = plugin.install_code(scripts, str(tmp_path / "r"))
+    code = plugin.install_code(scripts, quote(str(tmp_path / "r")))
     subprocess.run(["sh", "-e", "-c", code], check=True)
     for name, text in scripts.items():
         copy = tmp_path / "r" / name
@@ -343,11 +344,10 @@ def test_recipe_files_travel_intact_in_the_setup_code(tmp_path):
 
 
 def test_recipe_names_only(tmp_path):
-    assert plugin.resolve("mkimage", root_mode=False) == "/hshelper/recipes/mkimage.sh"
-    assert plugin.resolve("mkimage", root_mode=True).endswith("/recipes/mkimage.sh")
+    assert plugin.resolve("mkimage") == "/hshelper/recipes/mkimage.sh"
     for bad in ("no-such", "../mkimage", "/bin/sh"):
         with pytest.raises(HshelperError) as err:
-            plugin.resolve(bad, root_mode=False)
+            plugin.resolve(bad)
         assert err.value.status == 2
     with pytest.raises(HshelperError):
         plugin.install_code({"x.sh": f"echo\n{plugin.EOF_WORD}\nrm -rf /\n"})

@@ -1,0 +1,109 @@
+"""The command's filesystem: the helper image over the whole build root.
+
+Scripts expect every tool installed in the build root, with its own semantics; the
+image carries only what boots the VM and a fast copy of the common disk tools. So the
+build root is shared read-only over 9p and the command runs chrooted into an overlay:
+the image's files (the same bytes as the build root's, in RAM) over the build root,
+with a tmpfs on top for whatever the command writes outside its shares, and /proc,
+/sys, /dev, /tmp and /run of its own. busybox's applets sit last on PATH, standing in
+only for programs the build root lacks.
+
+``run.mode`` (``--mode``):
+
+- ``image`` (default): the image over the build root, as above;
+- ``root``: the build root alone (no image copies in front: ALT's vm-run's view);
+- ``isolated``: the image alone, no build root share (also what a run falls back to
+  when the kernel has no 9p or overlay, or the build root has no /proc for qemu's 9p
+  server: said under -v).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from hshelper import guestabi
+from hshelper.errors import HshelperError
+from hshelper.guestrun import fstab, quote, write_and_mount
+from hshelper.hookspecs import hookimpl
+from hshelper.model import Contents, Program, Share
+
+NEEDS = {"image": {"9p", "9pnet_virtio", "overlay"}, "root": {"9p", "9pnet_virtio", "overlay"}}
+N = guestabi.NEWROOT
+
+
+def isolated_because(mode: str, features: frozenset[str]) -> str | None:
+    """Why the build root cannot be shared in ``mode`` (None: it can)."""
+    missing = sorted(NEEDS.get(mode, set()) - features)
+    if missing:
+        return f"the kernel has no {', '.join(missing)} support"
+    if mode in NEEDS and not os.path.isdir("/proc/self/fd"):
+        return "/proc is not mounted here, and qemu's 9p server needs it"
+    return None
+
+
+@hookimpl
+def hshelper_image_contents():
+    # overlay is loaded at boot: a module loaded on demand costs a round trip through
+    # the guest's modprobe script, and a saved VM state carries what was loaded.
+    return Contents(programs=(Program("chroot"),), modules=("overlay?!",),
+                    directories=(guestabi.ROOT_DIR, "/hshelper/rw", N, "/hshelper/run"))
+
+
+@hookimpl(tryfirst=True)  # the others see the mode it settles
+def hshelper_run_spec(spec, config, args, image):
+    mode = config.get("run", "mode")
+    why = isolated_because(mode, image.features)
+    if why:
+        if config.origin("run", "mode") != "default":
+            raise HshelperError(f"--mode {mode} shares the build root, but {why}",
+                                hint="use --mode isolated (the image's programs only), or "
+                                     "a kernel with 9p and overlay modules")
+        if spec.verbose:
+            print(f"hshelper: the command sees only the helper image's programs: {why}",
+                  file=sys.stderr)
+        return dataclasses.replace(spec, mode="isolated")
+    if mode == "isolated":
+        return dataclasses.replace(spec, mode=mode)
+    root = Path(getattr(args, "sysroot", None) or "/").resolve()
+    share = Share(root, guestabi.ROOT_DIR, readonly=True, tag="hshroot", automount=False)
+    return dataclasses.replace(spec, mode=mode, shares=(share, *spec.shares))
+
+
+def setup_code(mode: str) -> str:
+    """Mount the build root, the overlay and the pseudo filesystems; chroot there."""
+    lower = f"/:{guestabi.ROOT_DIR}" if mode == "image" else guestabi.ROOT_DIR
+    first = fstab([
+        # cache=loose: the build root does not change under a run, and every program
+        # start looks its path up.
+        ("hshroot", guestabi.ROOT_DIR, "9p",
+         "trans=virtio,version=9p2000.L,msize=262144,cache=loose,ro"),
+        ("hshrw", "/hshelper/rw", "tmpfs", "mode=0755"),
+    ])
+    # The image has /proc, /sys, /dev, /tmp and /run, so they exist in the overlay.
+    second = fstab([
+        ("hshroot", N, "overlay",
+         f"lowerdir={lower},upperdir=/hshelper/rw/upper,workdir=/hshelper/rw/work"),
+        ("proc", f"{N}/proc", "proc", "defaults"),
+        ("sysfs", f"{N}/sys", "sysfs", "defaults"),
+        ("/dev", f"{N}/dev", "none", "rbind"),
+        ("tmpfs", f"{N}/tmp", "tmpfs", "mode=1777"),
+        ("tmpfs", f"{N}/run", "tmpfs", "mode=0755"),
+    ])
+    return "\n".join([
+        *write_and_mount("root", first),
+        "mkdir /hshelper/rw/upper /hshelper/rw/work",
+        *write_and_mount("newroot", second),
+        f": >{quote(guestabi.NEWROOT_MARK)}",
+        f"hsh_newroot={quote(N)}",
+        f"hsh_chroot={quote(N)}",
+    ])
+
+
+@hookimpl
+def hshelper_guest_setup(spec):
+    if spec.mode == "isolated":
+        return []
+    return [("buildroot", setup_code(spec.mode))]
