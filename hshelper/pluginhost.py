@@ -22,7 +22,7 @@ from hshelper.errors import HshelperError
 # Order matters: hooks run last-registered-first, and the merge of image contents follows
 # registration, so the base comes first and what builds on it after.
 BUILTIN = ("core", "kernel", "base", "disktools", "buildroot", "share9p", "mkimage", "disks",
-           "loop", "accel", "heartbeat", "vmrun", "report", "recipes")
+           "loop", "devlinks", "accel", "heartbeat", "vmrun", "report", "recipes")
 # Without these there is no image and no run at all.
 ESSENTIAL = frozenset({"core", "kernel", "base"})
 
