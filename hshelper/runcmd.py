@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from hshelper import cache, elf, guestrun, initrd
+from hshelper import cache, elf, guestrun, initrd, packages
 from hshelper.config import Layer
 from hshelper.errors import HshelperError
 from hshelper.model import Accel, RunResult, RunSpec
@@ -179,6 +179,26 @@ def chain_run_spec(host, spec: RunSpec, config, args, image) -> RunSpec:
     return spec
 
 
+def find_command(spec: RunSpec, sysroot: Sysroot) -> RunSpec:
+    """Look the command up where the guest will, before any VM starts: on its PATH in the
+    build root, else as a file in the working directory (``helper-run mkimage.sh``
+    means the script here), else among busybox's stand-ins. Not found is exit 127 at
+    once, with the package to install."""
+    name = spec.argv[0]
+    if "/" in name or spec.interactive or spec.mode == "isolated":
+        return spec  # a path, or the image alone: the guest itself reports
+    path = tuple(dict(guestrun.guest_env(spec.env))["PATH"].split(":"))
+    if sysroot.which(name, path):
+        return spec
+    if os.path.isfile(os.path.join(spec.cwd, name)):
+        return dataclasses.replace(spec, argv=(f"./{name}", *spec.argv[1:]))
+    if spec.mode == "image" and name in sysroot.applets:
+        return spec  # busybox's applet stands in
+    where = "" if str(sysroot.root) == "/" else f" {sysroot.root}"
+    raise HshelperError(f"{name}: command not found in the build root{where}", status=127,
+                        hint=packages.install_hint(name, sysroot.os_release))
+
+
 def kernel_cmdline(machine: Machine, plugin_words: list[list[str] | None],
                    append: str) -> str:
     words = [f"console={machine.console}", *BASE_CMDLINE, *machine.cmdline]
@@ -218,6 +238,7 @@ def main(session, args, config, shell: bool = False) -> int:
             s.guest.rstrip("/") + "/")) for s in spec.shares):
         # Not shared (--no-share-cwd, or no share plugin): the guest starts in /.
         spec = dataclasses.replace(spec, cwd="/")
+    spec = find_command(spec, sysroot)
     interpreter = script_shell(spec.cwd, spec.argv[0], os.environ.get("PATH", ""))
     if interpreter and spec.mode == "isolated" and not spec.interactive:
         # `helper-run mkimage.sh` with `#!/bin/bash` and no build root to take bash
