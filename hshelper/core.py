@@ -32,6 +32,9 @@ def hshelper_config_keys() -> list[Key]:
             "seconds the command may run before it is stopped (exit 124); 0: no limit"),
         Key("run", "boot_timeout", float, 300.0,
             "seconds the VM may take to boot and start the command (exit 125); 0: no limit"),
+        Key("run", "saved_states", bool, True,
+            "start from a saved VM state instead of booting, where the machine allows it "
+            "(the first run of a machine saves it)"),
         Key("run", "tcg_cpu", str, "",
             "qemu's -cpu under TCG; empty: the machine table's choice for the guest's "
             "architecture (hshelper info shows it)"),

@@ -42,6 +42,7 @@ SHELL_NAMES = {
     "hsh_guest_env": "NAME=VALUE words only the guest knows (disk devices), for the command",
     "hsh_chroot": "set by a step: run the command chrooted into this directory",
     "hsh_newroot": "where the command's / is, seen from the init ('' when isolated)",
+    "hsh_load": "hsh_load MOD...: load the image's modules in this order (one program)",
     "hsh_setup": "defined by the run script: the plugins' per-run steps, in order",
     "hsh_payload": "defined by the run script: runs the command with its environment",
 }

@@ -171,7 +171,8 @@ def hshelper_qemu_args(spec: RunSpec, image: ImageResult, accel: Accel,
 
 
 @hookspec
-def hshelper_guest_setup(spec: RunSpec, image: ImageResult) -> list[tuple[str, str]] | None:
+def hshelper_guest_setup(spec: RunSpec, image: ImageResult,
+                         machine: Machine) -> list[tuple[str, str]] | None:
     """Return per-run guest steps: (name, POSIX shell code) pairs.
 
     They run in the guest after the image's own init steps and before the payload, in

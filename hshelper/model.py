@@ -136,6 +136,9 @@ class RunSpec:
     # The command's filesystem: "image" (the image over the build root), "root" (the
     # build root alone) or "isolated" (the image alone); see plugins/buildroot.py.
     mode: str = "image"
+    # Set when the machine has a saved state's fixed shape (hshelper.qemu.savedstate):
+    # the directory with the placeholders that fill the share and disk slots not used.
+    slot_dir: str = ""
     extra: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
 

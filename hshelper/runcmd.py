@@ -24,10 +24,10 @@ from hshelper import cache, elf, guestrun, initrd, packages
 from hshelper.config import Layer
 from hshelper.errors import HshelperError
 from hshelper.model import Accel, RunResult, RunSpec
-from hshelper.qemu import kernelimage
+from hshelper.qemu import kernelimage, savedstate
 from hshelper.qemu.argv import BootSpec
 from hshelper.qemu.machines import Machine
-from hshelper.qemu.vm import VM, Limits, StopRequest
+from hshelper.qemu.vm import VM, Limits, RestoreFailed, StopRequest
 from hshelper.sysroot import Sysroot
 
 BASE_CMDLINE = (
@@ -199,6 +199,65 @@ def find_command(spec: RunSpec, sysroot: Sysroot) -> RunSpec:
                         hint=packages.install_hint(name, sysroot.os_release))
 
 
+def saved_state_dir(config, spec: RunSpec, image, machine: Machine,
+                    kconfig: dict[str, str]) -> Path | None:
+    """The saved states' directory when this run can use one (its machine then gets the
+    fixed shape of share and disk slots), else None: saved states off, a machine or
+    kernel without vmgenid (restores would share their RNG state), a kernel with
+    virtio_blk built in (its driver would bind the placeholder disks before the save),
+    or more disks or shares than there are slots."""
+    if not config.get("run", "saved_states") or not machine.vmgenid:
+        return None
+    if kconfig and kconfig.get("CONFIG_VMGENID") != "y":
+        return None
+    if "virtio_blk" in image.features and "virtio_blk" not in image.modules:
+        return None
+    shares = [s for s in spec.shares if s.automount]
+    if len(spec.disks) > savedstate.DISK_SLOTS or len(shares) > savedstate.SHARE_SLOTS:
+        return None
+    states = cache.subdir(config, "states")
+    savedstate.placeholder(states)
+    savedstate.empty_dir(states)
+    return states
+
+
+def run_vm(host, spec: RunSpec, vm: VM, make_vm, state, stop: StopRequest, limits: Limits,
+           script: bytes):
+    """Run the VM through the plugins' hshelper_run_vm: from the saved state when one is
+    there (a state that does not load is discarded and the run boots cold), saving one
+    at "ready" when there is none."""
+    def run(this: VM):
+        return host.hook.hshelper_run_vm(spec=spec, vm=this, stop=stop, limits=limits,
+                                         script=script)
+
+    def note(text: str) -> None:
+        if spec.verbose and text:
+            print(f"hshelper: {text}", file=sys.stderr, flush=True)
+
+    if state is None:
+        return run(vm)
+    why = savedstate.usable(state)
+    if why is None:
+        vm.restore_from = state.path
+        try:
+            outcome = run(vm)
+            note(f"restored the saved VM state in {vm.restore_seconds:.2f} s")
+            return outcome
+        except RestoreFailed as exc:
+            savedstate.discard(state)
+            note(f"the saved VM state did not load ({exc}); it was removed: booting")
+            vm = make_vm()
+    else:
+        note(f"{why}: booting, and saving the state at ready")
+    with savedstate.saving(state) as target:
+        vm.save_to = target.path
+        outcome = run(vm)
+        target.keep = vm.saved
+        note(vm.state_note or (f"saved the VM state in {vm.save_seconds:.2f} s"
+                               if vm.saved else ""))
+    return outcome
+
+
 def kernel_cmdline(machine: Machine, plugin_words: list[list[str] | None],
                    append: str) -> str:
     words = [f"console={machine.console}", *BASE_CMDLINE, *machine.cmdline]
@@ -253,12 +312,19 @@ def main(session, args, config, shell: bool = False) -> int:
     cmdline = kernel_cmdline(
         machine, host.hook.hshelper_kernel_cmdline(spec=spec, image=image, accel=accel),
         spec.extra.get("append", ""))
+    slot_dir = saved_state_dir(config, spec, image, machine, sysroot.kernel_config(kernel))
+    if slot_dir:
+        spec = dataclasses.replace(spec, slot_dir=str(slot_dir))
     devices: list[str] = []
     for extra in reversed(host.hook.hshelper_qemu_args(spec=spec, image=image, accel=accel,
                                                        machine=machine)):
         devices += extra or []
+    if slot_dir:
+        # A new generation ID at every restore: the guest kernel reseeds its RNG.
+        devices += ["-device", "vmgenid,guid=auto"]
     steps: list[tuple[str, str]] = []
-    for extra in reversed(host.hook.hshelper_guest_setup(spec=spec, image=image)):
+    for extra in reversed(host.hook.hshelper_guest_setup(spec=spec, image=image,
+                                                         machine=machine)):
         steps += extra or []
     boot = BootSpec(accel.name, spec.memory_mb, spec.cpus, boot_kernel.path,
                     initrd.boot_initrd(image, accel.name), cmdline,
@@ -269,17 +335,26 @@ def main(session, args, config, shell: bool = False) -> int:
     console_log = log_path(config)
     started = time.monotonic()
     try:
-        vm = VM(qemu, machine, boot, devices, console_log, spec.stdin, spec.verbose,
-                disk_files={d.drive_id(i): str(d.path) for i, d in enumerate(spec.disks)},
-                on_event=lambda event: host.hook.hshelper_vm_event(spec=spec, event=event))
+        def make_vm() -> VM:
+            return VM(qemu, machine, boot, devices, console_log, spec.stdin, spec.verbose,
+                      disk_files={d.drive_id(i): str(d.path)
+                                  for i, d in enumerate(spec.disks)},
+                      on_event=lambda event: host.hook.hshelper_vm_event(spec=spec,
+                                                                         event=event))
+        vm = make_vm()
         host.hook.hshelper_before_run(spec=spec, argv=vm.argv)
         if spec.verbose:
             print(f"hshelper: qemu: {shlex.join(vm.argv)}", file=sys.stderr, flush=True)
         if spec.interactive and sys.stdin.isatty():
             print("hshelper: a root shell in the helper VM; leave with exit or Ctrl-D "
                   "(Ctrl-C stops the VM)", file=sys.stderr, flush=True)
-        outcome = host.hook.hshelper_run_vm(spec=spec, vm=vm, stop=stop, limits=limits,
-                                            script=guestrun.run_script(spec, steps))
+        script = guestrun.run_script(spec, steps)
+        state = None
+        if slot_dir:
+            state = savedstate.entry(slot_dir, savedstate.key(
+                qemu, vm.argv, boot.kernel, boot.initrd, accel.name, initrd.code_digest(),
+                slot_dir))
+        outcome = run_vm(host, spec, vm, make_vm, state, stop, limits, script)
     finally:
         for sig, old in old_handlers.items():
             signal.signal(sig, old)

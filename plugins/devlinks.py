@@ -45,10 +45,13 @@ def hshelper_image_contents(sysroot):
 def hshelper_guest_setup():
     # The watcher runs beside the command, detached from its channels; busybox's shell
     # where there is one (its read builtin can wait, so an idle watcher starts nothing).
+    # The braces move stderr off the command's port before the fork: a virtio port
+    # opens once at a time, and a child that had not yet redirected its inherited copy
+    # made the command's own open of that port fail (EBUSY).
     return [("devlinks", "\n".join([
         'hsh_guest_env="$hsh_guest_env DM_DISABLE_UDEV=1"',
         "mkdir -p /dev/disk",
         "if command -v busybox >/dev/null 2>&1; then hsh_dl_sh='busybox sh'; "
         "else hsh_dl_sh=/bin/sh; fi",
-        "$hsh_dl_sh /hshelper/devlinks watch </dev/null >/dev/null 2>&1 3>&- &",
+        "{ $hsh_dl_sh /hshelper/devlinks watch </dev/null >/dev/null 3>&- & } 2>/dev/null",
     ]))]

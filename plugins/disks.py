@@ -21,6 +21,7 @@ from hshelper.errors import HshelperError
 from hshelper.guestrun import quote
 from hshelper.hookspecs import hookimpl
 from hshelper.model import Contents, Disk
+from hshelper.qemu import savedstate
 
 UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -108,10 +109,21 @@ def hshelper_run_spec(spec, args):
     return dataclasses.replace(spec, disks=spec.disks + tuple(disks))
 
 
+def slotted(spec) -> list[Disk]:
+    """The disks qemu gets: the run's, and for a saved machine's shape placeholders in
+    the slots left (never bound in the guest)."""
+    disks = list(spec.disks)
+    if spec.slot_dir:
+        filler = Path(spec.slot_dir) / "placeholder.img"
+        disks += [Disk(filler, f"unused{i}", "raw", None, True)
+                  for i in range(len(disks), savedstate.DISK_SLOTS)]
+    return disks
+
+
 @hookimpl
 def hshelper_qemu_args(spec, machine):
     args = []
-    for i, disk in enumerate(spec.disks):
+    for i, disk in enumerate(slotted(spec)):
         drive_id = disk.drive_id(i)
         # werror=stop: a failed write (the host's disk full) pauses the VM and qemu says
         # so on its control channel, where the core ends the run with the host file
@@ -121,9 +133,10 @@ def hshelper_qemu_args(spec, machine):
                  "discard=unmap,werror=stop,rerror=report")
         if disk.readonly:
             drive += ",readonly=on"
+        address, _ = machine.slot(i)
         args += ["-drive", drive,
                  "-device", f"{machine.device('virtio-blk')},drive={drive_id},"
-                            f"serial={disk.name}"]
+                            f"serial={disk.name},{address}"]
     return args
 
 
@@ -138,14 +151,23 @@ def _bytes(disk: Disk) -> str:
 
 
 @hookimpl
-def hshelper_guest_setup(spec):
+def hshelper_guest_setup(spec, machine):
     if not spec.disks:
         return []
+    # The driver binds only this run's disks, in order, by their fixed slots: a saved
+    # machine has placeholder slots too, and they must never become block devices.
+    binds = "".join(
+        f'for hsh_v in {machine.slot(i)[1]}; do\n'
+        f'  [ -e "$hsh_v" ] && echo "${{hsh_v##*/}}" >/sys/bus/virtio/drivers/virtio_blk/bind\n'
+        "done\n" for i in range(len(spec.disks)))
     # Shell only (no udev, no readlink): match each vdX's serial to a disk name.
     cases = "".join(
         f'    {d.name}) hsh_guest_env="$hsh_guest_env {env_name(d)}=$hsh_dev{_bytes(d)}" ;;\n'
         for d in spec.disks)
-    code = ("/hshelper/modprobe virtio_blk\n"  # probing is synchronous: vdX exist after
+    code = ("echo 0 >/sys/bus/virtio/drivers_autoprobe\n"
+            "hsh_load virtio_blk\n"  # probing is synchronous: vdX exist after a bind
+            + binds +
+            "echo 1 >/sys/bus/virtio/drivers_autoprobe\n"
             "mkdir -p /dev/disk/hshelper\n"
             "for hsh_b in /sys/block/vd*; do\n"
             '  [ -r "$hsh_b/serial" ] || continue\n'

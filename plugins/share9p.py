@@ -23,6 +23,7 @@ from hshelper.errors import HshelperError
 from hshelper.guestrun import fstab_escape, quote
 from hshelper.hookspecs import hookimpl
 from hshelper.model import Contents, Share
+from hshelper.qemu import savedstate
 
 MODULES = ("9p?!", "9pnet_virtio?!")
 
@@ -73,9 +74,11 @@ def hshelper_run_spec(spec, args):
         shares.insert(0, Share(Path(spec.cwd), spec.cwd))
     shares += [parse_share(t) for t in getattr(args, "share", [])]
     out = []
-    for i, share in enumerate(shares):
+    untagged = 0
+    for share in shares:
         if not share.tag:
-            share = dataclasses.replace(share, tag=f"hsh{i}")
+            share = dataclasses.replace(share, tag=f"hsh{untagged}")
+            untagged += 1
         if not share.readonly and share.automount:
             mapped = mapped9p.supported(share.host)
             if not mapped and spec.verbose:
@@ -86,22 +89,38 @@ def hshelper_run_spec(spec, args):
     return dataclasses.replace(spec, shares=tuple(out))
 
 
+def slotted(spec) -> list[Share]:
+    """The shares qemu gets: the run's, and for a saved machine's shape an empty
+    directory in every slot left (the build root's slot and SHARE_SLOTS others, with
+    fixed tags: the guest read them at boot). Slot shares are never mounted."""
+    shares = list(spec.shares)
+    if not spec.slot_dir:
+        return shares
+    empty = Path(spec.slot_dir) / "empty"
+    tags = {s.tag for s in shares}
+    for tag in ("hshroot", *(f"hsh{i}" for i in range(savedstate.SHARE_SLOTS))):
+        if tag not in tags:
+            shares.append(Share(empty, "", readonly=True, tag=tag, automount=False))
+    order = ["hshroot", *(f"hsh{i}" for i in range(savedstate.SHARE_SLOTS))]
+    return sorted(shares, key=lambda s: order.index(s.tag) if s.tag in order else 99)
+
+
 @hookimpl
 def hshelper_qemu_args(spec, image, machine):
-    if not spec.shares:
+    if not spec.shares and not spec.slot_dir:
         return []
-    if not {"9p", "9pnet_virtio"} <= image.features:
+    if spec.shares and not {"9p", "9pnet_virtio"} <= image.features:
         raise HshelperError(
             f"kernel {image.kernel_version} has no 9p support (Debian's cloud kernel has "
             "none), so the working directory cannot be shared",
             hint="install a kernel with 9p modules (Debian: linux-image-amd64), or run "
                  "with --no-share-cwd and pass data on --disk images")
-    if not os.path.isdir("/proc/self/fd"):
-        raise HshelperError("/proc is not mounted here, and QEMU's 9p share needs it "
+    if spec.shares and not os.path.isdir("/proc/self/fd"):
+        raise HshelperError("/proc is not mounted here, and QEMU's 9p server needs it "
                             "(every file create in the share would fail with ENOENT)",
                             hint=needs_proc_hint())
     args = []
-    for share in spec.shares:
+    for share in slotted(spec):
         if share.mapped:
             # Owners, modes and device nodes as root made them, kept in xattrs
             # (hshelper.mapped9p); new files readable on the host meanwhile.

@@ -98,3 +98,18 @@ def test_boot_modules_are_optional_boot_entries():
     assert machines.boot_modules(machines.lookup("x86_64")) == ("virtio_pci?!",
                                                                 "pvpanic_mmio?!")
     assert machines.boot_modules(machines.lookup("s390x")) == ("virtio_ccw?!",)
+
+
+def test_saved_state_key_ignores_per_run_values_only():
+    from hshelper.qemu.savedstate import shape
+
+    a = ["-chardev", "socket,id=console,fd=4", "-fsdev",
+         "local,id=hsh0,path=/a,security_model=mapped-xattr,fmode=0644,dmode=0755",
+         "-drive", "file=/x.img,if=none,id=hshdisk0,format=raw,readonly=on", "-m", "512"]
+    b = ["-chardev", "socket,id=console,fd=9", "-fsdev",
+         "local,id=hsh0,path=/b,security_model=none",
+         "-drive", "file=/y.qcow2,if=none,id=hshdisk0,format=qcow2", "-m", "512"]
+    assert shape(a) == shape(b)
+    assert shape(a) != shape([*b[:-1], "384"])  # memory is the machine's shape
+    assert shape(["-device", "virtio-blk-pci,drive=hshdisk0,serial=out,addr=0x10"]) == \
+        shape(["-device", "virtio-blk-pci,drive=hshdisk0,serial=unused0,addr=0x10"])

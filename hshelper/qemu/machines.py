@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 from hshelper.errors import HshelperError
 
+SLOT_BASE = 0x10  # the first disk slot's PCI slot or channel device number
+
 # ELF e_machine numbers (elf.h).
 EM_386, EM_ARM, EM_PPC64, EM_S390, EM_X86_64, EM_AARCH64, EM_RISCV = 3, 40, 21, 22, 62, 183, 243
 
@@ -56,11 +58,21 @@ class Machine:
     cmdline: tuple[str, ...] = ()
     kvm_cpu: str = "host"
     pvpanic_module: str = ""
+    vmgenid: bool = False  # qemu's vmgenid reaches the kernel (ACPI): saved states are safe
     why: str = ""  # the reasoning behind the less obvious choices, for `hshelper info`
 
     def device(self, kind: str) -> str:
         """The qemu device for a virtio ``kind`` on this transport (virtio-blk-ccw)."""
         return f"{kind}-{self.transport}"
+
+    def slot(self, index: int) -> tuple[str, str]:
+        """Disk slot ``index``'s fixed address: (qemu device property, sysfs glob of
+        the virtio device behind it), so the guest binds exactly the disks of a run
+        whatever else the machine has (a saved one has placeholder slots)."""
+        number = SLOT_BASE + index
+        if self.transport == "ccw":
+            return f"devno=fe.0.{number:04x}", f"/sys/bus/ccw/devices/0.0.{number:04x}/virtio*"
+        return f"addr={number:#x}", f"/sys/bus/pci/devices/*:00:{number:02x}.0/virtio*"
 
     def machine_for(self, accel: str) -> str:
         return self.machine_kvm if accel == "kvm" else self.machine_tcg
@@ -90,6 +102,7 @@ MACHINES: dict[str, Machine] = {m.arch: m for m in (
         # images do.
         cmdline=("8250.nr_uarts=1", "no_timer_check"),
         pvpanic_module="pvpanic_mmio",  # the ISA device is found through ACPI
+        vmgenid=True,
         why="pc board: the fewest devices to probe; the unpacked PVH vmlinux under TCG"),
     Machine(
         arch="i686", aliases=("i386", "i486", "i586", "x86"), elf=(EM_386, 32, True),
@@ -99,7 +112,8 @@ MACHINES: dict[str, Machine] = {m.arch: m for m in (
         kernel_format="x86", kvm_probe="firmware", pvpanic="pvpanic", max_cpus=255,
         gpt_root_type="44479540-f297-41b2-9af7-d131d5f0458a", efi_boot_file="BOOTIA32.EFI",
         kernel_packages={"debian": "linux-image-686", "altlinux": "kernel-image-un-def"},
-        qemu_packages=_QEMU_X86, cmdline=("8250.nr_uarts=1", "no_timer_check")),
+        qemu_packages=_QEMU_X86, cmdline=("8250.nr_uarts=1", "no_timer_check"),
+        vmgenid=True),
     Machine(
         arch="aarch64", aliases=("arm64", "armv8"), elf=(EM_AARCH64, 64, True),
         qemu="qemu-system-aarch64", machine_tcg="virt", machine_kvm="virt,gic-version=host",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import socket
 import sys
 import threading
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hshelper import guestabi
+from hshelper.errors import HshelperError
 from hshelper.qemu import outcome, process
 from hshelper.qemu.argv import BootSpec, qemu_argv
 from hshelper.qemu.channels import Channels, Loop
@@ -77,6 +79,18 @@ def fatal(event: dict) -> bool:
     return name in FATAL_EVENTS
 
 
+class RestoreFailed(Exception):
+    """qemu could not load a saved state (the caller boots cold instead)."""
+
+
+def restore_prelude(now: float, entropy: bytes) -> bytes:
+    """Run-script lines for a restored guest: its clock (it stood still since the save)
+    and fresh bytes for its RNG pool (vmgenid has reseeded it; these cost nothing)."""
+    octal = "".join(f"\\{b:03o}" for b in entropy)
+    return (f"date -s @{int(now)} >/dev/null 2>&1\n"
+            f"printf '{octal}' >/dev/urandom\n").encode()
+
+
 class VM:
     """One qemu process and its channels."""
 
@@ -99,6 +113,12 @@ class VM:
         self.proc = None
         self.qmp = QMP(self.channels.ours["qmp"], on_event=self._event)
         self.script = b""
+        self.restore_from: Path | None = None  # a saved state to start from
+        self.save_to: Path | None = None  # where to save the state at "ready"
+        self.saved = False
+        self.restore_seconds: float | None = None
+        self.save_seconds: float | None = None
+        self.state_note = ""  # what happened to saving or restoring, for -v
         # What the run observed, for outcome.classify.
         self._status: int | None = None
         self._ready = False
@@ -111,14 +131,68 @@ class VM:
     # ------------------------------------------------------------ start and stop
 
     def start(self, extra: tuple[str, ...] = ()) -> None:
+        """Start qemu: a cold boot, or a saved state loaded (``restore_from``; raises
+        RestoreFailed when it does not load: nothing has run yet then)."""
         self.activity.started = time.monotonic()
+        if self.restore_from is not None:
+            extra = (*extra, "-incoming", f"exec:cat {shlex.quote(str(self.restore_from))}")
         self.proc = process.spawn([*self.argv, *extra], list(self.channels.fds().values()))
         self.channels.handed_over()
+        if self.restore_from is not None:
+            self._await_restore()
         if self.forward_stdin:
             threading.Thread(target=self._pump_stdin, daemon=True).start()
         else:
             # The guest reads /dev/null then; closing tells qemu nobody will write.
             self.channels.ours[guestabi.STDIN].close()
+
+    def _await_restore(self, timeout: float = 60.0) -> None:
+        """Wait until the loaded guest runs (it continues where it said "ready")."""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                status = self.qmp.execute("query-status", timeout=timeout).get("status")
+                if status == "running":
+                    break
+                if status == "paused":  # it was saved stopped: loaded, and waits for us
+                    self.qmp.execute("cont")
+                    continue
+                if status not in ("inmigrate", "prelaunch") or time.monotonic() > deadline:
+                    raise RestoreFailed(f"the restored VM is {status}")
+                time.sleep(0.01)
+        except (HshelperError, OSError) as exc:
+            self.kill()
+            err = self.proc.stderr.read().decode(errors="replace").strip() if \
+                self.proc and self.proc.stderr else ""
+            raise RestoreFailed(err.splitlines()[-1] if err else str(exc)) from exc
+        self.restore_seconds = time.monotonic() - self.activity.started
+        self._ready = True  # it said so before it was saved
+
+    def _save(self) -> None:
+        """Save the guest as it waits at "ready", then let it go on. A failure only
+        means no state is kept: this run continues either way."""
+        assert self.save_to is not None
+        started = time.monotonic()
+        try:
+            # No bandwidth limit: the default (128 MiB/s) would make saving the slow part.
+            self.qmp.execute("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+            self.qmp.execute("stop")
+            self.qmp.execute("migrate", uri=f"exec:cat > {shlex.quote(str(self.save_to))}")
+            while True:
+                status = self.qmp.execute("query-migrate").get("status")
+                if status == "completed":
+                    self.saved = True
+                    break
+                if status in ("failed", "cancelled") or time.monotonic() - started > 120:
+                    self.state_note = f"saving the VM state failed (migration {status})"
+                    break
+                time.sleep(0.02)
+        except HshelperError as exc:
+            self.state_note = f"saving the VM state failed: {exc}"
+        finally:
+            with contextlib.suppress(HshelperError, OSError):
+                self.qmp.execute("cont")
+        self.save_seconds = time.monotonic() - started
 
     def kill(self) -> None:
         process.kill(self.proc)
@@ -163,6 +237,8 @@ class VM:
                 continue
             if words[0] == guestabi.READY and not self._ready:
                 self._ready = True
+                if self.save_to is not None:
+                    self._save()
                 self._send_script()
             elif words[0] == guestabi.STARTED and self._started is None:
                 self._started = time.monotonic() - self.activity.started
@@ -171,8 +247,11 @@ class VM:
 
     def _send_script(self) -> None:
         assert self._loop is not None
-        header = f"{guestabi.SCRIPT} {len(self.script)}\n".encode()
-        self._loop.send(self.channels.ours[guestabi.CONTROL], header + self.script)
+        script = self.script
+        if self.restore_seconds is not None:
+            script = restore_prelude(time.time(), os.urandom(32)) + script
+        header = f"{guestabi.SCRIPT} {len(script)}\n".encode()
+        self._loop.send(self.channels.ours[guestabi.CONTROL], header + script)
 
     def _on_qmp(self, data: bytes) -> None:
         if data:
@@ -205,6 +284,8 @@ class VM:
                 loop.add(ours[guestabi.CONTROL], self._on_control)
                 loop.add(ours["qmp"], self._on_qmp)
                 loop.add(self.proc.stderr, self._on_stderr)
+                if self._ready:  # restored: the guest waits for its script already
+                    self._send_script()
                 exited_at = None
                 while loop.open_count():
                     loop.step(0.2)

@@ -1,0 +1,150 @@
+"""Saved VM states, for real: the first run saves the booted guest, later runs restore
+it; restored guests are unique (RNG, UUIDs) and on time; a state that is damaged, made
+by another qemu or for another machine shape is never used and the run boots cold."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import chroot
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.vm]
+
+
+def helper_run(root, *argv, cwd=chroot.HOME, **kwargs):
+    return chroot.run(root, ["helper-run", "-v", *argv], cwd=cwd, **kwargs)
+
+
+def states(root) -> Path:
+    return root / "home/builder/.cache/hshelper/states"
+
+
+def state_files(root) -> list[Path]:
+    return sorted(states(root).glob("*.state"))
+
+
+def fresh(root) -> None:
+    """No saved state: the next run boots and saves one."""
+    shutil.rmtree(states(root), ignore_errors=True)
+
+
+def run_ok(root, *argv, **kwargs):
+    proc = helper_run(root, *argv, **kwargs)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode(), proc.stderr.decode()
+
+
+def test_first_run_saves_then_runs_restore(root):
+    fresh(root)
+    _, err = run_ok(root, "true")
+    assert "saving the state at ready" in err and "saved the VM state" in err
+    assert len(state_files(root)) == 1
+    out, err = run_ok(root, "sh", "-c", "echo restored-ok")
+    assert out == "restored-ok\n" and "restored the saved VM state" in err
+
+
+def test_restored_guests_are_unique_and_on_time(root):
+    fresh(root)
+    work = chroot.fresh_dir(root, "unique")
+    run_ok(root, "true")
+    script = ("truncate -s 16M fs.img && mkfs.ext4 -q -F fs.img && "
+              "blkid -s UUID -o value fs.img && cat /proc/sys/kernel/random/uuid && "
+              "date +%s")
+    seen = []
+    for _ in range(2):
+        out, err = run_ok(root, "sh", "-c", script, cwd=work)
+        host_now = time.time()
+        assert "restored the saved VM state" in err
+        fs_uuid, rng_uuid, guest_now = out.split()
+        assert abs(int(guest_now) - host_now) <= 2, (guest_now, host_now)
+        seen.append((fs_uuid, rng_uuid))
+    assert seen[0][0] != seen[1][0], "two restored runs made the same filesystem UUID"
+    assert seen[0][1] != seen[1][1], "two restored runs read the same random UUID"
+
+
+def test_disks_and_shares_arrive_after_the_restore(root, tmp_path):
+    fresh(root)
+    work = chroot.fresh_dir(root, "slots")
+    extra = chroot.fresh_dir(root, "slots-extra")
+    (root / extra.lstrip("/") / "note.txt").write_text("from the extra share\n")
+    run_ok(root, "true")
+    script = ("ls /sys/block | grep vd; cat /sys/block/vda/size; "
+              "printf 'label: gpt\\n,,L\\n' | sfdisk -q $HSHELPER_DISK_OUT && "
+              "mkfs.ext4 -q ${HSHELPER_DISK_OUT}1 && cat /mnt/x/note.txt && echo hi > here.txt")
+    out, err = run_ok(root, "--disk", "out.img,size=64M,name=out",
+                      "--share", f"{extra}:/mnt/x:ro", "sh", "-c", script, cwd=work)
+    assert "restored the saved VM state" in err
+    lines = out.splitlines()
+    assert lines[0] == "vda" and lines[1] == str(64 * 2048), out  # no placeholder disk
+    assert "from the extra share" in out
+    image = root / work.lstrip("/") / "out.img"
+    dump = subprocess.run(["sfdisk", "-d", str(image)], capture_output=True, text=True)
+    assert "label: gpt" in dump.stdout
+    assert (root / work.lstrip("/") / "here.txt").read_text() == "hi\n"
+
+
+def test_a_damaged_state_falls_back_to_a_cold_boot(root):
+    fresh(root)
+    run_ok(root, "true")
+    [state] = state_files(root)
+    with open(state, "r+b") as fh:
+        fh.truncate(state.stat().st_size // 2)
+    out, err = run_ok(root, "sh", "-c", "echo cold")
+    assert out == "cold\n"
+    assert "the saved state was damaged" in err and "saved the VM state" in err
+
+
+def test_a_state_that_does_not_load_is_removed_and_the_run_boots(root):
+    """Garbage with a valid record: the size+CRC check passes, qemu refuses it."""
+    fresh(root)
+    run_ok(root, "true")
+    [state] = state_files(root)
+    state.write_bytes(b"QEVM" + b"\0" * 4096)
+    record = state.with_name(state.name + ".sum")
+    import zlib
+
+    record.write_text(json.dumps({"size": 4100, "crc32": zlib.crc32(state.read_bytes())}))
+    out, err = run_ok(root, "sh", "-c", "echo cold-again")
+    assert out == "cold-again\n"
+    assert "did not load" in err and "it was removed" in err
+    assert "saved the VM state" in err  # and a good one replaces it
+
+
+def test_another_qemu_or_memory_size_never_loads_the_state(root):
+    fresh(root)
+    run_ok(root, "true")
+    assert len(state_files(root)) == 1
+    _, err = run_ok(root, "--memory", "384", "true")
+    assert "no saved state" in err  # another machine shape: another key
+    assert len(state_files(root)) == 2
+    # Another qemu version (faked: the version qemu reported is remembered per binary).
+    memos = list(states(root).glob("qemu-*.version"))
+    assert memos, "the qemu version qemu reported is remembered beside the states"
+    for memo in memos:
+        memo.write_text("QEMU emulator version 99.0 (faked)")
+    _, err = run_ok(root, "true")
+    assert "no saved state" in err and "saved the VM state" in err
+    assert len(state_files(root)) == 3
+
+
+def test_saved_states_can_be_turned_off(root):
+    fresh(root)
+    _, err = run_ok(root, "--set", "run.saved_states=false", "true")
+    assert "saved" not in err and not state_files(root)
+
+
+def test_clean_removes_states_and_info_shows_their_size(root):
+    fresh(root)
+    run_ok(root, "true")
+    info = chroot.run(root, ["hshelper", "info"])
+    assert info.returncode == 0, info.stderr
+    assert re.search(r"states \d+\.\d MB", info.stdout.decode())
+    clean = chroot.run(root, ["hshelper", "clean"])
+    assert clean.returncode == 0 and b"states" in clean.stdout
+    assert not states(root).exists()
