@@ -39,7 +39,9 @@ SHARE_SLOTS = 4  # besides the build root's share
 # Per-run values in qemu's command line: taken out of the key, which then says "a
 # machine of this shape".
 _RUN_SPECIFIC = re.compile(r"(fd=\d+|path=[^,]*|file=[^,]*|serial=[^,]*|"
-                           r"security_model=[^,]*|fmode=[^,]*|dmode=[^,]*|format=[^,]*)")
+                           r"security_model=[^,]*|format=[^,]*)")
+# Per-run options that some runs give and others do not: dropped whole.
+_RUN_OPTIONAL = re.compile(r",(readonly=on|fmode=[0-7]+|dmode=[0-7]+)")
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ def file_identity(path: Path) -> list:
 def shape(argv: list[str]) -> list[str]:
     """The command line with the per-run values taken out."""
     return [_RUN_SPECIFIC.sub(lambda m: m.group(1).split("=")[0] + "=*",
-                              a.replace(",readonly=on", "")) for a in argv]
+                              _RUN_OPTIONAL.sub("", a)) for a in argv]
 
 
 def key(qemu: str, argv: list[str], kernel: Path, initrd: Path, accel: str,
