@@ -31,11 +31,17 @@ def test_exit_status_passes_through(root, status):
     assert proc.returncode == status, proc.stderr
 
 
-def test_not_found_is_127_with_advice(root):
+def test_not_found_is_127_at_once_with_advice(root):
+    """Neither installed nor in the working directory: 127 before any VM starts."""
+    before = time.monotonic()
     proc = helper_run(root, "no-such-program-xyz", "arg")
     assert proc.returncode == 127
     err = proc.stderr.decode()
-    assert "no-such-program-xyz" in err and "--with" in err
+    assert "no-such-program-xyz: command not found in the build root" in err
+    assert "apt-file search no-such-program-xyz" in err
+    assert time.monotonic() - before < 10 and not chroot.qemu_pids(root)
+    known = helper_run(root, "kpartx", "-l", "x")  # not installed here: its package named
+    assert known.returncode == 127 and b"install kpartx in the build root" in known.stderr
 
 
 def test_not_executable_is_126(root):
