@@ -175,11 +175,15 @@ def hshelper_guest_setup(spec: RunSpec, image: ImageResult,
                          machine: Machine) -> list[tuple[str, str]] | None:
     """Return per-run guest steps: (name, POSIX shell code) pairs.
 
-    They run in the guest after the image's own init steps and before the payload, in
-    plugin order, as root, with ``set -e``-like care left to the step. ``$hsh_mount``
-    is the cheapest mount program for explicit ``-t TYPE`` mounts (busybox's where
-    there is one; under TCG every library a program loads costs time). They travel in a
-    small per-run archive appended to the cached initrd, so they never invalidate it.
+    They run in the guest init (in the image's own root, not the command's) after the
+    image's own init steps and before the payload, in plugin order, as root, inside one
+    shell function, with ``set -e``-like care left to the step (``return 1`` fails the
+    run). The command's root is ``$hsh_newroot`` there (empty when the run has the image
+    alone): a file the command should see goes to ``"$hsh_newroot/PATH"``. ``$hsh_mount``
+    is the cheapest mount program for explicit ``-t TYPE`` mounts and ``hsh_load MOD...``
+    loads the image's modules (under TCG every program start costs). hshelper.guestabi
+    lists these names. The steps travel in the run script sent once the guest is ready,
+    so they never invalidate the image, and a saved VM state serves every run.
     """
 
 

@@ -21,5 +21,6 @@ def hshelper_image_contents():
 
 @hookimpl
 def hshelper_guest_setup(spec):
-    # Per run: shell code run by the guest init after the shares are mounted.
-    return [("stamp", "echo \"prepared for: $hsh_cmd\" > /run/stamp")]
+    # Per run: shell code run by the guest init after the shares are mounted. The init
+    # sees the command's root under $hsh_newroot (empty when the run has the image only).
+    return [("stamp", "echo \"prepared for: $hsh_cmd\" > \"$hsh_newroot/run/stamp\"")]
