@@ -30,6 +30,9 @@ LAYOUT_VERSION = 3
 HSHELPER_DEPS = ["python3", "python3-pluggy", "python3-sh", "python3-tenacity", "python3-toml"]
 DISK_TOOLS = ["kmod", "fdisk", "gdisk", "dosfstools", "e2fsprogs", "util-linux", "mtools"]
 QEMU = ["qemu-system-x86", "qemu-utils", "zstd"]
+# What a foreign build root needs for hshelper's guest (unpacked, not installed).
+FOREIGN = ["dash", "coreutils", "util-linux", "mount", "fdisk", "e2fsprogs", "dosfstools",
+           "kmod", "zstd", "libc-bin"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,20 @@ RECIPES: dict[str, Recipe] = {
     # (their mkfs, and the modules that come with it, enter the helper image).
     "bookworm-xfs-btrfs": Recipe(tuple(["linux-image-amd64", "busybox", *HSHELPER_DEPS,
                                         *DISK_TOOLS, *QEMU, "xfsprogs", "btrfs-progs"])),
+    # Build roots of other architectures (issue 12), unpacked without running their
+    # packages' scripts (--variant=extract: a minute each, where a full install through
+    # qemu-user takes most of an hour): not usr-merged, no ld.so.conf, modules.dep made
+    # by the host's depmod. The arm64 one has python3 and qemu-system-arm too, so that
+    # hshelper runs inside it through qemu-user, as in an emulated arm64 build.
+    "arm64": Recipe(tuple(["linux-image-arm64", "busybox", *FOREIGN, *HSHELPER_DEPS,
+                           "qemu-system-arm"]), extra={"arch": "arm64"}),
+    "ppc64el": Recipe(tuple(["linux-image-powerpc64le", "busybox", *FOREIGN]),
+                      extra={"arch": "ppc64el"}),
+    "s390x": Recipe(tuple(["linux-image-s390x", "busybox", *FOREIGN]),
+                    extra={"arch": "s390x"}),
+    # Debian 13 has riscv64 as a release architecture (its packages are usr-merged).
+    "riscv64": Recipe(tuple(["linux-image-riscv64", "busybox", *FOREIGN]),
+                      extra={"arch": "riscv64", "suite": "trixie", "usrmerge": True}),
 }
 
 
@@ -121,7 +138,39 @@ def ensure_root(name: str) -> Path:
     return target
 
 
+def _foreign(recipe: Recipe, dest: Path) -> None:
+    """A build root of another architecture, unpacked (see RECIPES), then given what
+    its packages' scripts would have made (mmdebstrap runs no hooks for this variant):
+    the merged-/usr links of a usr-merged suite, /bin/sh, the kernel's modules.dep
+    (the host's depmod reads any architecture's modules), the build user's home."""
+    argv = ["mmdebstrap", "--quiet", "--variant=extract", "--format=directory",
+            f"--architectures={recipe.extra['arch']}",
+            "--include=" + ",".join(recipe.packages),
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+            "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/locale/*",
+            recipe.extra.get("suite", "bookworm"), str(dest), MIRROR]
+    subprocess.run(argv, check=True)
+    if recipe.extra.get("usrmerge"):
+        for name in ("bin", "sbin", "lib"):
+            if not (dest / name).exists():
+                os.symlink(f"usr/{name}", dest / name)
+    if not os.path.lexists(dest / "bin/sh"):
+        os.symlink("dash", dest / "bin/sh")
+    for base in ("lib/modules", "usr/lib/modules"):
+        moddir = dest / base
+        if moddir.is_dir() and not moddir.is_symlink():
+            for version in os.listdir(moddir):
+                subprocess.run(["depmod", "-b", str(dest), version], check=True)
+    home = dest / "home/builder"
+    home.mkdir(parents=True, exist_ok=True)
+    os.chown(home, 65534, 65534)
+
+
 def _mmdebstrap(recipe: Recipe, dest: Path) -> None:
+    if recipe.extra.get("arch"):
+        _foreign(recipe, dest)
+        return
     argv = ["mmdebstrap", "--quiet", "--variant=minbase", "--format=directory",
             "--include=" + ",".join(recipe.packages),
             # No docs or translations: smaller roots, faster copies.

@@ -26,16 +26,23 @@ sys.exit({func}())
 """
 
 
-def install(root: Path) -> None:
-    """Copy this checkout's hshelper into ``root`` (/opt/hshelper + wrappers)."""
-    target = root / "opt/hshelper"
-    # A private temporary name: test runs in parallel may install into the same root.
-    tmp = Path(tempfile.mkdtemp(prefix=".hshelper.", dir=root / "opt"))
+def stage(tmp: Path) -> None:
+    """The package as installed (plugins/ becomes hshelper/plugins, recipes/
+    hshelper/recipes) in the directory ``tmp``, readable by everyone."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(SRC / "hshelper", tmp / "hshelper", ignore=ignore, symlinks=False)
     shutil.copytree(SRC / "plugins", tmp / "hshelper/plugins", ignore=ignore)
     shutil.copytree(SRC / "recipes", tmp / "hshelper/recipes", ignore=ignore)
     tmp.chmod(0o755)
+
+
+def install(root: Path) -> None:
+    """Copy this checkout's hshelper into ``root`` (/opt/hshelper + wrappers)."""
+    target = root / "opt/hshelper"
+    # A private temporary name: test runs in parallel may install into the same root.
+    (root / "opt").mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".hshelper.", dir=root / "opt"))
+    stage(tmp)
     # Byte-compiled as a package install is: the build user cannot write __pycache__
     # there, and compiling hshelper's sources again in every run costs 0.15 s.
     subprocess.run(["chroot", str(root), "python3", "-m", "compileall", "-q", "-d",
@@ -121,3 +128,33 @@ def wait_no_qemu(root: Path, seconds: float = 10) -> bool:
     while qemu_pids(root) and time.monotonic() < deadline:
         time.sleep(0.2)
     return not qemu_pids(root)
+
+
+def host_install(where: Path) -> Path:
+    """This checkout's hshelper staged in ``where`` for the host's own python3 (Debian's
+    python3-pluggy, -sh, -tenacity), so it runs unprivileged on the host: the tests'
+    virtualenv lives under /root, which the build user cannot enter."""
+    target = where / "hshelper-host"
+    tmp = Path(tempfile.mkdtemp(prefix=".hshelper-host.", dir=where))
+    stage(tmp)
+    subprocess.run(["/usr/bin/python3", "-m", "compileall", "-q", "-d", str(target),
+                    str(tmp)], check=True)
+    old = Path(tempfile.mkdtemp(prefix=".hshelper-host.old.", dir=where))
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(target, old / "x")
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def run_host(staged: Path, command: str, argv: list[str], cwd: Path, home: Path,
+             timeout: float = 600, uid: int = BUILD_UID) -> subprocess.CompletedProcess:
+    """``hshelper``/``helper-run`` on the host as ``uid`` (not root), from ``staged``."""
+    func = "main" if command == "hshelper" else "helper_run_main"
+    code = f"import sys; sys.path.insert(0, {str(staged)!r}); " \
+           f"from hshelper.cli import {func}; sys.exit({func}())"
+    env = {"HOME": str(home), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
+           "XDG_CACHE_HOME": str(home / ".cache")}
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                           "/usr/bin/python3", "-c", code, *argv], cwd=cwd, env=env,
+                          capture_output=True, timeout=timeout)

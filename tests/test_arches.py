@@ -1,0 +1,101 @@
+"""Helper VMs of other architectures, for real: Debian build roots for arm64, ppc64el,
+s390x (bookworm) and riscv64 (trixie), made on this x86_64 machine; hshelper runs on
+the host as the unprivileged build user with --sysroot ROOT and boots the root's own
+kernel under the host's qemu-system-ARCH (TCG); and for arm64, inside the root itself
+through qemu-user, with the root's own qemu."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import buildroots
+import chroot
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.vm]
+
+ARCHES = {"arm64": "aarch64", "ppc64el": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
+QEMU = {"arm64": "qemu-system-aarch64", "ppc64el": "qemu-system-ppc64",
+        "s390x": "qemu-system-s390x", "riscv64": "qemu-system-riscv64"}
+
+
+# Beside the test roots, not in pytest's temporary directory (root's, and closed).
+HOST = buildroots.CACHE / "host"
+
+
+@pytest.fixture(scope="module")
+def staged():
+    HOST.mkdir(parents=True, exist_ok=True)
+    HOST.chmod(0o755)
+    return chroot.host_install(HOST)
+
+
+@pytest.fixture
+def home(request):
+    """A fresh working directory and home for the build user on the host."""
+    home = HOST / "home" / request.node.name.replace("[", "-").replace("]", "")
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    home.parent.chmod(0o755)
+    os.chown(home, chroot.BUILD_UID, chroot.BUILD_UID)
+    return home
+
+
+def foreign_root(name: str) -> Path:
+    if shutil.which(QEMU[name]) is None:
+        pytest.skip(f"{QEMU[name]} is not installed")
+    return buildroots.ensure_root(name)
+
+
+@pytest.mark.parametrize("name", list(ARCHES))
+def test_build_and_a_disk_job_in_the_roots_architecture(name, staged, home):
+    root = foreign_root(name)
+    build = chroot.run_host(staged, "hshelper", ["build", "--json", "--sysroot", str(root)],
+                            home, home)
+    assert build.returncode == 0, build.stderr.decode()
+    info = chroot.run_host(staged, "hshelper", ["info", "--sysroot", str(root)], home, home)
+    assert info.returncode == 0, info.stderr.decode()
+    assert f"guest architecture: {ARCHES[name]}" in info.stdout.decode()
+    script = ("uname -m; printf 'label: gpt\\n,,L\\n' | sfdisk -q $HSHELPER_DISK_OUT && "
+              "mkfs.ext4 -q -L arch ${HSHELPER_DISK_OUT}1 && mkdir -p /mnt/t && "
+              "mount ${HSHELPER_DISK_OUT}1 /mnt/t && uname -m > /mnt/t/written-by && "
+              "cat /mnt/t/written-by && umount /mnt/t")
+    run = chroot.run_host(staged, "helper-run",
+                          ["--sysroot", str(root), "--disk", "out.img,size=64M,name=out",
+                           "sh", "-c", script], home, home)
+    assert run.returncode == 0, run.stderr.decode()
+    assert run.stdout.decode().split() == [ARCHES[name], ARCHES[name]]
+    image = home / "out.img"
+    assert image.stat().st_uid == chroot.BUILD_UID
+    dump = subprocess.run(["sfdisk", "--json", str(image)], capture_output=True, text=True,
+                          check=True).stdout
+    assert '"label":"gpt"' in dump.replace(" ", "")
+    start = int(dump.split('"start":')[1].split(",")[0])
+    part = home / "p1.img"
+    subprocess.run(["dd", f"if={image}", f"of={part}", "bs=512", f"skip={start}",
+                    "status=none"], check=True)
+    fsck = subprocess.run(["e2fsck", "-fn", str(part)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    cat = subprocess.run(["debugfs", "-R", "cat /written-by", str(part)],
+                         capture_output=True, text=True)
+    assert cat.stdout == f"{ARCHES[name]}\n"
+
+
+def test_inside_the_arm64_root_through_qemu_user(home):
+    """The build root's own python3 and qemu-system-aarch64 (arm64 binaries) run through
+    qemu-user; the guest boots under that qemu's TCG: slow (minutes), but it is what an
+    emulated arm64 build does."""
+    root = foreign_root("arm64")
+    if not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
+        pytest.skip("binfmt_misc has no qemu-aarch64 (scripts/setup registers it)")
+    chroot.install(root)
+    work = chroot.fresh_dir(root, "inside")
+    with chroot.proc_mounted(root):
+        proc = chroot.run(root, ["helper-run", "-q", "sh", "-c", "uname -m > arch.txt"],
+                          cwd=work, timeout=1200)
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = root / work.lstrip("/") / "arch.txt"
+    assert out.read_text() == "aarch64\n" and out.stat().st_uid == chroot.BUILD_UID
