@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hshelper.errors import HshelperError
+from hshelper.errors import EXIT_FAILED, EXIT_USAGE, HshelperError
+from hshelper.sizes import UNIT_NAMES, parse_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,7 +40,9 @@ class Key:
     """A declared configuration key.
 
     ``type`` is one of str, int, float, bool, list (of strings); ``choices`` closes a
-    str key to a set of values.
+    str key to a set of values. An int key with a ``unit`` (in bytes) is a size: text
+    takes the options' units (``"1G"``, ``"768M"``; a bare number is in ``unit``).
+    ``minimum`` bounds a number from below.
     """
 
     section: str
@@ -48,6 +51,8 @@ class Key:
     default: Any
     help: str
     choices: tuple[str, ...] = ()
+    unit: int = 0
+    minimum: float | None = None
 
     @property
     def dotted(self) -> str:
@@ -60,17 +65,25 @@ class Key:
 
 @dataclass(frozen=True)
 class Layer:
-    """One source of settings: ``values`` maps "section.key" to a raw value."""
+    """One source of settings: ``values`` maps "section.key" to a raw value. A bad value
+    in a ``usage`` layer (the command line) is a usage error, exit 2."""
 
     origin: str
     values: dict[str, Any]
+    usage: bool = False
+
+
+SYSTEM_FILE = Path("/etc/hshelper/config.toml")
+LOCAL_FILE = "hshelper.toml"
 
 
 def default_layer_paths(cwd: Path | None = None) -> list[Path]:
+    """The config files looked for, in the order they are read (later ones win): the
+    system's, the user's ($XDG_CONFIG_HOME, else ~/.config) and the working directory's."""
     xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(
         os.environ.get("HOME") or "/nonexistent", ".config")
-    return [Path("/etc/hshelper/config.toml"), Path(xdg) / "hshelper" / "config.toml",
-            (cwd or Path.cwd()) / "hshelper.toml"]
+    return [SYSTEM_FILE, Path(xdg) / "hshelper" / "config.toml",
+            (cwd or Path.cwd()) / LOCAL_FILE]
 
 
 def read_toml_layer(path: Path) -> Layer | None:
@@ -116,16 +129,10 @@ def _coerce(key: Key, value: Any, origin: str) -> Any:
             raise bad("true or false")
         return value
     if key.type in (int, float):
-        if from_text:
-            try:
-                return key.type(value)
-            except ValueError as exc:
-                raise bad(f"a number ({key.type.__name__})") from exc
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad(f"a number ({key.type.__name__})")
-        if key.type is int and isinstance(value, float) and not value.is_integer():
-            raise bad("a whole number")
-        return key.type(value)
+        number = _number(key, value, bad)
+        if key.minimum is not None and number < key.minimum:
+            raise bad(f"at least {key.minimum:g}")
+        return number
     if key.type is list:
         if from_text:
             return [v for v in value.replace(",", " ").split() if v]
@@ -137,6 +144,25 @@ def _coerce(key: Key, value: Any, origin: str) -> Any:
     if key.choices and value not in key.choices:
         raise bad("one of " + ", ".join(key.choices))
     return value
+
+
+def _number(key: Key, value: Any, bad) -> int | float:
+    if isinstance(value, str) and key.unit:
+        try:
+            return parse_size(value, default_unit=key.unit, unit=key.unit)
+        except HshelperError as exc:
+            raise bad(f"a size (e.g. 1G, 768M; a bare number is in "
+                      f"{UNIT_NAMES.get(key.unit, key.unit)})") from exc
+    if isinstance(value, str):
+        try:
+            return key.type(value)
+        except ValueError as exc:
+            raise bad(f"a number ({key.type.__name__})") from exc
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad(f"a number ({key.type.__name__})")
+    if key.type is int and isinstance(value, float) and not value.is_integer():
+        raise bad("a whole number")
+    return key.type(value)
 
 
 class Config:
@@ -153,11 +179,17 @@ class Config:
         for layer in layers:
             for dotted, raw in layer.values.items():
                 key = self.keys.get(dotted)
+                status = EXIT_USAGE if layer.usage else EXIT_FAILED
                 if key is None:
                     near = difflib.get_close_matches(dotted, self.keys, n=1)
                     hint = f"; did you mean {near[0]}?" if near else ""
-                    raise HshelperError(f"{layer.origin}: unknown config key {dotted}{hint}")
-                self._values[dotted] = _coerce(key, raw, layer.origin)
+                    raise HshelperError(f"{layer.origin}: unknown config key {dotted}{hint}",
+                                        status=status)
+                try:
+                    self._values[dotted] = _coerce(key, raw, layer.origin)
+                except HshelperError as exc:
+                    exc.status = status
+                    raise
                 self._origins[dotted] = layer.origin
 
     def with_layer(self, layer: Layer) -> Config:

@@ -7,8 +7,11 @@ from hshelper.config import Key
 from hshelper.errors import HshelperError
 from hshelper.hookspecs import hookimpl
 from hshelper.qemu import machines
+from hshelper.sizes import KIB, MIB
 
-COMPRESSIONS = ("auto", "zstd", "lz4", "gzip", "xz", "none")
+# No lz4: the kernel's decoder of the legacy lz4 frame fails when another archive
+# follows it, and every run appends one (initrd.COMPRESSION_ORDER says the same).
+COMPRESSIONS = ("auto", "zstd", "gzip", "xz", "none")
 
 
 @hookimpl
@@ -21,17 +24,21 @@ def hshelper_config_keys() -> list[Key]:
         Key("image", "programs", list, [], "extra programs for the image (names or paths)"),
         Key("image", "program_budget_kb", int, 1024,
             "leave out an optional program whose own files and libraries weigh more "
-            "(KiB; 0: no limit); --with NAME always adds it"),
+            "(KiB, or a size such as \"2M\"; 0: no limit); --with NAME always adds it",
+            unit=KIB, minimum=0),
         Key("image", "compression", str, "auto",
             "initrd compression; auto: the fastest the kernel can unpack", COMPRESSIONS),
         Key("image", "cache_dir", str, "",
             "where built images are kept; empty: $XDG_CACHE_HOME/hshelper"),
-        Key("run", "memory", int, 0, "guest memory in MiB; 0: fit the machine"),
-        Key("run", "cpus", int, 0, "guest CPUs; 0: up to 2"),
+        Key("run", "memory", int, 0, "guest memory, as --memory takes it: 512 (MiB), "
+            "\"768M\", \"1G\"; 0: 512 MiB, less under a low RLIMIT_AS", unit=MIB, minimum=0),
+        Key("run", "cpus", int, 0, "guest CPUs; 0: 1 under TCG, up to 2 under KVM", minimum=0),
         Key("run", "timeout", float, 0.0,
-            "seconds the command may run before it is stopped (exit 124); 0: no limit"),
+            "seconds the command may run before it is stopped (exit 124); 0: no limit",
+            minimum=0),
         Key("run", "boot_timeout", float, 300.0,
-            "seconds the VM may take to boot and start the command (exit 125); 0: no limit"),
+            "seconds the VM may take to boot and start the command (exit 125); 0: no limit",
+            minimum=0),
         Key("run", "saved_states", bool, True,
             "start from a saved VM state instead of booting, where the machine allows it "
             "(the first run of a machine saves it)"),

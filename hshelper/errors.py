@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 # Exit statuses, following docker/podman: the guest command's own 0-255 pass through.
+EXIT_USAGE = 2  # the command line itself is wrong (argparse's own status)
 EXIT_TIMEOUT = 124
 EXIT_FAILED = 125
 EXIT_NOT_EXECUTABLE = 126

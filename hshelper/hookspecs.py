@@ -11,6 +11,7 @@ The flow::
     hshelper_config_keys            declare config keys          (setup)
     hshelper_add_arguments          declare CLI options          (setup)
     hshelper_configure              see the final config         (setup)
+    hshelper_answer_on_host         answer without a VM          (run, firstresult)
     hshelper_find_kernel            pick the kernel              (image, firstresult)
     hshelper_machine                the guest's architecture     (image, firstresult)
     hshelper_image_contents         add modules/programs/files   (image)
@@ -74,6 +75,17 @@ def hshelper_configure(config: Config) -> None:
     """See the final, validated configuration before any work starts.
 
     Called once per command. Raise HshelperError to refuse a bad combination.
+    """
+
+
+@hookspec(firstresult=True)
+def hshelper_answer_on_host(args: argparse.Namespace, config: Config) -> int | None:
+    """Answer a run from the host, without building an image or booting a VM, when the
+    host already has the answer (a recipe's ``--help``, vm-run's ``--kernels``).
+
+    Called once per ``run`` (``helper-run``) after the configuration is final and before
+    anything else. Print the answer and return the exit status; the first non-None
+    answer ends the command. Return None to let the run go on.
     """
 
 

@@ -251,6 +251,9 @@ def choose_compression(wanted: str, kconfig: dict[str, str], available) -> str:
     """
     if wanted == "none":
         return "none"
+    if wanted != "auto" and wanted not in KCONFIG_FOR:
+        raise HshelperError(f"unknown initrd compression {wanted!r} (one of auto, none, "
+                            f"{', '.join(KCONFIG_FOR)})")
     if wanted != "auto":
         if kconfig and kconfig.get(KCONFIG_FOR[wanted]) != "y":
             raise HshelperError(f"the kernel cannot unpack a {wanted} initrd "

@@ -17,7 +17,7 @@ from types import ModuleType
 import pluggy
 
 from hshelper import hookspecs
-from hshelper.errors import HshelperError
+from hshelper.errors import EXIT_FAILED, EXIT_USAGE, HshelperError
 
 # Order matters: hooks run last-registered-first, and the merge of image contents follows
 # registration, so the base comes first and what builds on it after.
@@ -72,11 +72,19 @@ class PluginHost:
     """The pluggy manager plus where each plugin came from."""
 
     def __init__(self, blocked: set[str] | frozenset[str] = frozenset(),
-                 files: list[Path] | tuple[Path, ...] = (), entry_points: bool = True):
+                 files: list[Path] | tuple[Path, ...] = (), entry_points: bool = True,
+                 usage_names: set[str] | frozenset[str] = frozenset()):
+        """``usage_names``: the blocked names that came from the command line (-p no:NAME),
+        so that refusing one is a usage error (exit 2), not a config error."""
+        def status(name: str) -> int:
+            return EXIT_USAGE if name in usage_names else EXIT_FAILED
+
         refused = ESSENTIAL & set(blocked)
         if refused:
-            raise HshelperError(f"plugin {sorted(refused)[0]} cannot be disabled: "
-                                "hshelper cannot build or run anything without it")
+            name = sorted(refused)[0]
+            raise HshelperError(f"plugin {name} cannot be disabled: "
+                                "hshelper cannot build or run anything without it",
+                                status=status(name))
         unknown = set(blocked) - set(BUILTIN)
         self.pm = pluggy.PluginManager("hshelper")
         self.pm.add_hookspecs(hookspecs)
@@ -102,8 +110,9 @@ class PluginHost:
             module = _load_file(path)
             self._register(module, path.stem, str(path))
         if unknown:
-            raise HshelperError(f"cannot disable unknown plugin {sorted(unknown)[0]} "
-                                f"(known: {', '.join(self.names())})")
+            name = sorted(unknown)[0]
+            raise HshelperError(f"cannot disable unknown plugin {name} "
+                                f"(known: {', '.join(self.names())})", status=status(name))
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from hshelper import cache, elf, guestrun, initrd, packages
+from hshelper import argtypes, cache, elf, guestrun, initrd, packages
 from hshelper.config import Layer
 from hshelper.errors import HshelperError
 from hshelper.model import Accel, RunResult, RunSpec
@@ -43,10 +43,13 @@ LOG_KEEP = 10
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     # --mem and --cpu (vm-run's spellings, with sizes and "max") belong to plugin vmrun.
-    parser.add_argument("--memory", type=int, metavar="MIB",
-                        help="guest memory in MiB (default: 512, less under a low RLIMIT_AS)")
-    parser.add_argument("--cpus", type=int, metavar="N", help="guest CPUs")
-    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+    parser.add_argument("--memory", type=argtypes.memory("--memory"), metavar="SIZE",
+                        help="guest memory: 512 (MiB), 768M, 1.5G (default: 512 MiB, less "
+                             "under a low RLIMIT_AS)")
+    parser.add_argument("--cpus", type=argtypes.positive_int("--cpus"), metavar="N",
+                        help="guest CPUs (default: 1 under TCG, up to 2 under KVM)")
+    parser.add_argument("--timeout", type=argtypes.positive_seconds("--timeout"),
+                        metavar="SECONDS",
                         help="stop the command after it ran this long (exit 124); the "
                              "boot has its own limit (run.boot_timeout)")
     parser.add_argument("--accel", choices=("auto", "kvm", "tcg"),
@@ -56,14 +59,17 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--mode", choices=("image", "root", "isolated"),
                         help="image: the helper image's programs; root: the build root is "
                              "the guest's / (read-only), every installed tool is there")
-    parser.add_argument("--qemu", metavar="PROG", help="the qemu program")
+    parser.add_argument("--qemu", type=argtypes.qemu_program, metavar="PROG",
+                        help="the qemu program (default: qemu-system-ARCH from PATH)")
     parser.add_argument("--no-stdin", action="store_true",
                         help="do not forward stdin even when it is not a terminal")
     parser.add_argument("--append", metavar="WORDS", action="append", default=[],
                         help="extra kernel command-line words")
     parser.add_argument("-q", "--quiet", action="store_true", help="no heartbeat lines")
     if command == "run":
-        parser.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD [ARGS...]")
+        parser.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD [ARGS...]",
+                            help="the command; a single argument with shell syntax is "
+                                 "command text for sh")
 
 
 def default_memory() -> int:

@@ -98,7 +98,8 @@ def _kvm_ident() -> list[int] | None:
 @hookimpl
 def hshelper_config_keys():
     return [Key("accel", "probe_timeout", float, 3.0,
-                "seconds the KVM probe guest may take before KVM counts as broken")]
+                "seconds the KVM probe guest may take before KVM counts as broken",
+                minimum=0.1)]
 
 
 @hookimpl(trylast=True)

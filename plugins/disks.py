@@ -22,15 +22,7 @@ from hshelper.guestrun import quote
 from hshelper.hookspecs import hookimpl
 from hshelper.model import Contents, Disk
 from hshelper.qemu import savedstate
-
-UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-
-
-def parse_size(text: str) -> int:
-    match = re.fullmatch(r"(\d+)\s*([kmgtb]?)(i?b)?", text.strip().lower())
-    if not match:
-        raise HshelperError(f"bad size {text!r}: use a number with K, M, G or T", status=2)
-    return int(match.group(1)) * UNITS[match.group(2)]
+from hshelper.sizes import parse_size
 
 
 def parse_disk(text: str, index: int) -> Disk:
@@ -54,7 +46,14 @@ def parse_disk(text: str, index: int) -> Disk:
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,20}", name):
         raise HshelperError(f"--disk {text!r}: a name is 1-20 letters, digits, - or _",
                             status=2)
-    size = parse_size(values["size"]) if "size" in values else None
+    size = None
+    if "size" in values:
+        try:
+            size = parse_size(values["size"])  # bytes, unless K, M, G or T says otherwise
+        except HshelperError as exc:
+            raise HshelperError(f"--disk {text!r}: {exc}", status=2) from None
+        if size < 1:
+            raise HshelperError(f"--disk {text!r}: the size must be more than 0", status=2)
     return Disk(Path(path).absolute(), name, fmt, size, "ro" in values)
 
 

@@ -18,7 +18,8 @@ from hshelper.hookspecs import hookimpl
 @hookimpl
 def hshelper_config_keys():
     return [Key("heartbeat", "interval", float, 60.0,
-                "seconds of silence before a 'still running' line on stderr; 0: never")]
+                "seconds of silence before a 'still running' line on stderr; 0: never",
+                minimum=0)]
 
 
 _interval = [60.0]

@@ -266,7 +266,7 @@ def hshelper_config_keys():
 def hshelper_add_arguments(parser, command):
     if command == "run":
         parser.add_argument("--guest-fill", action="store_true",
-                            help="--recipe mkimage: fill the root in the VM, not on the host")
+                            help="with --recipe mkimage: fill the root in the VM, not on the host")
 
 
 def _out_disk(spec, job: Job, cwd: Path) -> tuple[Disk | None, bool]:

@@ -5,14 +5,16 @@ scripts installed with the package. With ``--recipe``, CMD is a recipe's name: t
 recipe files travel in the run's own archive (they are small) to /hshelper/recipes in
 the guest, so they are there without any share and without changing the cached image;
 in ``--mode root`` the build root is the guest's /, and the installed files are used.
-No config keys.
+A recipe's ``--help`` (or ``-h``, anywhere before a ``--``) is answered on the host,
+by the recipe itself run with ``sh RECIPE --help``: no image, no VM. No config keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 
-from hshelper import recipes
+from hshelper import recipes, runner
 from hshelper.errors import HshelperError
 from hshelper.guestrun import quote
 from hshelper.hookspecs import hookimpl
@@ -51,6 +53,32 @@ def hshelper_add_arguments(parser, command):
         parser.add_argument("--recipe", action="store_true",
                             help="CMD names a recipe shipped with hshelper (hshelper "
                                  "recipes lists them): helper-run --recipe mkimage --help")
+
+
+def wants_help(argv: list[str]) -> bool:
+    """Whether the recipe's arguments ask for its help (before a ``--`` that ends its
+    options, as the recipes read them)."""
+    for word in argv:
+        if word == "--":
+            return False
+        if word in ("-h", "--help"):
+            return True
+    return False
+
+
+@hookimpl
+def hshelper_answer_on_host(args):
+    if not getattr(args, "recipe", False):
+        return None
+    argv = list(getattr(args, "command", None) or [])
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv or not wants_help(argv[1:]):
+        return None
+    path = resolve(argv[0], root_mode=True)  # the installed file, readable here
+    # The recipe's own --help, printed by the recipe: its text, exactly, at no VM's cost.
+    sys.stdout.buffer.write(runner.run(["sh", path, "--help"]))
+    return 0
 
 
 @hookimpl

@@ -54,7 +54,10 @@ def needs_proc_hint() -> str:
 @hookimpl
 def hshelper_add_arguments(parser, command):
     if command in ("run", "shell"):
-        parser.add_argument("--share", action="append", default=[], metavar="DIR[:GUEST][:ro]",
+        # Checked as it is parsed: a bad --share is a usage error before the disks
+        # plugin creates a missing --disk image.
+        parser.add_argument("--share", action="append", default=[], type=parse_share,
+                            metavar="DIR[:GUEST][:ro]",
                             help="share another host directory with the guest")
         parser.add_argument("--no-share-cwd", action="store_true",
                             help="do not share the working directory")
@@ -72,7 +75,7 @@ def hshelper_run_spec(spec, args):
     shares = list(spec.shares)
     if not getattr(args, "no_share_cwd", False) and spec.cwd != "/":
         shares.insert(0, Share(Path(spec.cwd), spec.cwd))
-    shares += [parse_share(t) for t in getattr(args, "share", [])]
+    shares += getattr(args, "share", [])
     out = []
     untagged = 0
     for share in shares:
