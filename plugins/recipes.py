@@ -75,7 +75,8 @@ def hshelper_answer_on_host(args):
         argv = argv[1:]
     if not argv or not wants_help(argv[1:]):
         return None
-    path = resolve(argv[0], root_mode=True)  # the installed file, readable here
+    resolve(argv[0])  # a known recipe name, or a usage error
+    path = str(recipes.available()[argv[0]].path)  # the installed file, readable here
     # The recipe's own --help, printed by the recipe: its text, exactly, at no VM's cost.
     sys.stdout.buffer.write(runner.run(["sh", path, "--help"]))
     return 0
