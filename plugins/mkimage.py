@@ -248,7 +248,9 @@ def prepare(job: Job, image: Path, cwd: Path, ids: tuple[str, str, str],
 
 def wait_code(marker: Path) -> str:
     """Guest setup code: wait for the host's fill (over the shared directory)."""
-    ok, err = quote(f"{marker}.ok"), quote(f"{marker}.err")
+    # The share is where the command sees it: under $hsh_newroot, from the init.
+    ok = '"$hsh_newroot"' + quote(f"{marker}.ok")
+    err = '"$hsh_newroot"' + quote(f"{marker}.err")
     return (f"while [ ! -e {ok} ]; do\n"
             f"  if [ -e {err} ]; then cat {err} >&2; return 1; fi\n"
             "  sleep 0.05\n"
