@@ -23,6 +23,7 @@ from pathlib import Path
 
 import buildroots
 import chroot
+import packages
 import pytest
 
 SRC = Path(__file__).resolve().parent.parent
@@ -318,8 +319,6 @@ def test_mock_failing_step_fails_the_hook_and_keeps_its_report(mock_root, result
 # ------------------------------------------------------------------ RPM spec (hasher, Fedora)
 
 SPEC = SRC / "packaging/hshelper.spec"
-TREE = ["hshelper", "plugins", "recipes", "integrations", "packaging", "docs", "README.md",
-        "pyproject.toml"]
 
 
 def rpm_query(path: Path, *what: str) -> list[str]:
@@ -332,10 +331,8 @@ def rpm_query(path: Path, *what: str) -> list[str]:
 def test_rpm_spec_builds_with_rpmbuild(tmp_path, vendor):
     if not shutil.which("rpmbuild"):
         pytest.skip("rpmbuild is not installed (Debian package rpm)")
-    (tmp_path / "SOURCES").mkdir()
-    subprocess.run(["tar", "-C", str(SRC), "--transform", "s,^,hshelper-0.1.0/,",
-                    "--exclude=__pycache__", "-czf",
-                    str(tmp_path / "SOURCES/hshelper-0.1.0.tar.gz"), *TREE], check=True)
+    # Source0 as the README says to make it (scripts/release-tarball).
+    packages.release_tarball(tmp_path / "SOURCES")
     defines = ["--define", f"_topdir {tmp_path}"] + (
         ["--define", f"_vendor {vendor}"] if vendor else [])
     parsed = subprocess.run(["rpmspec", "-P", *defines, str(SPEC)], capture_output=True,
@@ -349,6 +346,7 @@ def test_rpm_spec_builds_with_rpmbuild(tmp_path, vendor):
     assert sorted(rpms) == ["hshelper", "hshelper-mock", "hshelper-run"]
     assert list((tmp_path / "SRPMS").glob("hshelper-0.1.0-1.src.rpm"))
     files = rpm_query(rpms["hshelper"], "-l")
+    assert [f for f in rpm_query(rpms["hshelper"], "-L") if f.endswith("/LICENSE")]
     assert "/usr/bin/helper-run" in files
     assert any(f.endswith("/hshelper/plugins/vmrun.py") for f in files)
     assert any(f.endswith("/integrations/common/hshelper-after-build") for f in files)
