@@ -73,6 +73,10 @@ RECIPES: dict[str, Recipe] = {
     "target-bookworm": Recipe(("linux-image-cloud-amd64", "initramfs-tools",
                                "systemd-boot-efi", "grub-efi-amd64-bin", "extlinux",
                                "syslinux-common")),
+    # The bookworm build root plus rpm (rpm, rpmbuild): a mock-like root for the mock
+    # example, whose image step installs RPMs with rpm --root.
+    "bookworm-rpm": Recipe(tuple(["linux-image-amd64", "busybox", *HSHELPER_DEPS,
+                                  *DISK_TOOLS, *QEMU, "rpm"])),
     # The bookworm build root plus xfsprogs and btrfs-progs: the recipes' --fs xfs|btrfs
     # (their mkfs, and the modules that come with it, enter the helper image).
     "bookworm-xfs-btrfs": Recipe(tuple(["linux-image-amd64", "busybox", *HSHELPER_DEPS,
@@ -259,12 +263,73 @@ def _apt_install(root: Path, debs: list[Path]) -> subprocess.CompletedProcess:
 
 
 @contextlib.contextmanager
-def apt_overlay(debs: list[Path]):
-    """The apt root (apt_root) under a private overlay, with ``apt-get install
-    ./NAME.deb...`` of ``debs`` done in it; yields (root, apt's output). The cached
-    root never changes; the overlay goes afterwards."""
+def apt_overlay(debs: list[Path], lower: Path | None = None):
+    """``lower`` (default: the apt root, apt_root) under a private overlay, with
+    ``apt-get install ./NAME.deb...`` of ``debs`` done in it; yields (root, apt's
+    output)."""
+    with overlay(lower or apt_root(debs)) as merged:
+        yield merged, _apt_install(merged, debs)
+
+
+def deb_dependencies(debs: list[Path]) -> list[str]:
+    """The archive packages ``debs`` depend on: the first of each set of alternatives,
+    without versions or architecture qualifiers, the debs themselves left out."""
+    own = {_deb_field(deb, "Package") for deb in debs}
+    names = set()
+    for deb in debs:
+        for relation in _deb_field(deb, "Depends").split(","):
+            name = relation.split("|")[0].split("(")[0].strip().split(":")[0]
+            if name and name not in own:
+                names.add(name)
+    return sorted(names)
+
+
+# The packages pbuilder itself needs in the apt root (iproute2: its loopback in the
+# build's network namespace; dpkg-dev: dpkg-source and dpkg-scanpackages).
+PBUILDER_HOST = ["pbuilder", "debootstrap", "iproute2", "dpkg-dev"]
+
+
+def pbuilder_root(debs: list[Path]) -> Path:
+    """The apt root (apt_root) with pbuilder installed and a base tarball made once by
+    ``pbuilder create`` at pbuilder's default place (/var/cache/pbuilder/base.tgz,
+    uncompressed: extracting it is then cheap), holding what the .debs depend on, so
+    that a build's Build-Depends: hshelper needs nothing from the network. Cached under
+    a key of the apt root, pbuilder's packages and those dependencies."""
     lower = apt_root(debs)
-    top = Path(tempfile.mkdtemp(prefix="hshelper-apt.", dir=CACHE))
+    recipe = ["bookworm-pbuilder", lower.name, PBUILDER_HOST, deb_dependencies(debs),
+              MIRROR, SECURITY]
+    key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]
+    target = CACHE / f"bookworm-pbuilder-{key}"
+    if (target / ".hshelper-root-done").exists():
+        return target
+    with _locked(CACHE / ".bookworm-pbuilder.lock"):
+        if (target / ".hshelper-root-done").exists():
+            return target
+        for stale in CACHE.glob("bookworm-pbuilder-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = CACHE / f".{target.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            subprocess.run(["cp", "-ax", str(lower), str(tmp)], check=True)
+            _in_root(tmp, [*APT_INSTALL, *PBUILDER_HOST])
+            _in_root(tmp, ["pbuilder", "create", "--distribution", "bookworm",
+                           "--mirror", MIRROR,
+                           "--othermirror", f"deb {SECURITY} bookworm-security main",
+                           "--compressprog", "cat", "--aptcache", "",
+                           "--extrapackages", " ".join(deb_dependencies(debs))])
+            _in_root(tmp, ["apt-get", "clean"])
+            (tmp / ".hshelper-root-done").write_text(json.dumps(recipe) + "\n")
+            os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@contextlib.contextmanager
+def overlay(lower: Path):
+    """``lower`` under a private, writable overlay for the duration; yields the merged
+    root. ``lower`` never changes; the overlay goes afterwards."""
+    top = Path(tempfile.mkdtemp(prefix="hshelper-overlay.", dir=CACHE))
     merged, upper, work = top / "root", top / "upper", top / "work"
     for path in (merged, upper, work):
         path.mkdir()
@@ -272,7 +337,7 @@ def apt_overlay(debs: list[Path]):
                     f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)],
                    check=True)
     try:
-        yield merged, _apt_install(merged, debs)
+        yield merged
     finally:
         subprocess.run(["umount", "-R", "-l", str(merged)], check=False)
         shutil.rmtree(top, ignore_errors=True)
