@@ -108,6 +108,60 @@ def check_image_result(out: Path, tmp: Path, hello: str) -> dict:
     return report
 
 
+IMAGE_STEP = "/usr/share/hshelper/integrations/common/hshelper-image-from-packages"
+
+
+def test_image_step_refuses_bad_input_in_one_line(tmp_path):
+    """Bad input is one line on stderr and status 1 (2 for usage), before any VM."""
+    (tmp_path / "base.tar").write_bytes(b"")
+    (tmp_path / "x.txt").write_text("")
+    (tmp_path / "a.deb").write_text("")
+    (tmp_path / "b.rpm").write_text("")
+    step = str(SRC / "integrations/common/hshelper-image-from-packages")
+    cases = [([], 2, "usage:"),
+             (["no-base.tar", "a.deb"], 1, "BASE no-base.tar does not exist"),
+             (["base.tar"], 1, "no packages to install"),
+             (["base.tar", "x.txt"], 1, "x.txt is neither a .deb nor an .rpm"),
+             (["base.tar", "gone.deb"], 1, "package gone.deb does not exist"),
+             (["base.tar", "a.deb", "b.rpm"], 1, "cannot install .deb and .rpm"),
+             (["--name", "a/b", "base.tar", "a.deb"], 1, "--name must be a plain file name")]
+    for argv, status, message in cases:
+        proc = subprocess.run(["sh", step, *argv], cwd=tmp_path, capture_output=True,
+                              text=True, env={"PATH": "/usr/bin:/bin"})
+        assert proc.returncode == status and proc.stderr.count("\n") == 1, (argv, proc.stderr)
+        assert message in proc.stderr, (argv, proc.stderr)
+    assert sorted(os.listdir(tmp_path)) == ["a.deb", "b.rpm", "base.tar", "x.txt"]
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+def test_image_step_leaves_no_image_when_the_install_fails(root, image_base, tmp_path):
+    """A package whose dependency the base system lacks: dpkg fails in the VM after the
+    image was made; the step exits non-zero and leaves neither the image nor
+    SHA256SUMS, only the failing run's report saying why."""
+    work = chroot.fresh_dir(root, "image-step-fail")
+    host = root / work.lstrip("/")
+    pkg = tmp_path / "pkg"
+    (pkg / "DEBIAN").mkdir(parents=True)
+    (pkg / "DEBIAN/control").write_text(
+        "Package: needs-missing\nVersion: 1\nArchitecture: all\nMaintainer: T <t@localhost>\n"
+        "Depends: hshelper-no-such-package\nDescription: test\n")
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(pkg),
+                    str(host / "needs-missing_1_all.deb")], check=True, capture_output=True)
+    os.link(image_base, host / "base.tar")
+    subprocess.run(["chown", "-R", f"{BUILDER}:{BUILDER}", str(host)], check=True)
+    with chroot.shm_mounted(root):
+        proc = chroot.run(root, [IMAGE_STEP, "--size", "1G", "base.tar",
+                                 "needs-missing_1_all.deb"], cwd=work, timeout=900)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err[-3000:]
+    assert "dependency problems" in err and "no image was written" in err, err[-3000:]
+    left = sorted(os.listdir(host))
+    assert left == ["base.tar", "image.mkimage.json", "image.report.json",
+                    "needs-missing_1_all.deb"], left
+    assert json.loads((host / "image.report.json").read_text())["status"] == 1
+
+
 # ------------------------------------------------------------------ mock: no VM
 
 
@@ -597,8 +651,9 @@ def test_hasher_rebuild_prog_makes_a_bootable_image_from_the_rebuilt_rpm(
         err = proc.stderr.decode()[-4000:]
         assert proc.returncode == 0, err
         out = topdir / "hshelper"
-        assert sorted(os.listdir(out)) == ["SHA256SUMS", "hshelper-report.json",
-                                           "image.img", "image.mkimage.json"], err
+        # (.cache: hshelper's, the step's HOME being its directory: nobody has none.)
+        assert sorted(n for n in os.listdir(out) if n != ".cache") == [
+            "SHA256SUMS", "hshelper-report.json", "image.img", "image.mkimage.json"], err
         assert (out / "image.img").stat().st_uid == BUILDER
         check_image_result(out, tmp_path, "made by rpmbuild\n")
     finally:
