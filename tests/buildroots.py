@@ -73,10 +73,6 @@ RECIPES: dict[str, Recipe] = {
     "target-bookworm": Recipe(("linux-image-cloud-amd64", "initramfs-tools",
                                "systemd-boot-efi", "grub-efi-amd64-bin", "extlinux",
                                "syslinux-common")),
-    # The bookworm build root plus rpm (rpm, rpmbuild): a mock-like root for the mock
-    # example, whose image step installs RPMs with rpm --root.
-    "bookworm-rpm": Recipe(tuple(["linux-image-amd64", "busybox", *HSHELPER_DEPS,
-                                  *DISK_TOOLS, *QEMU, "rpm"])),
     # The bookworm build root plus xfsprogs and btrfs-progs: the recipes' --fs xfs|btrfs
     # (their mkfs, and the modules that come with it, enter the helper image).
     "bookworm-xfs-btrfs": Recipe(tuple(["linux-image-amd64", "busybox", *HSHELPER_DEPS,
@@ -284,34 +280,35 @@ def deb_dependencies(debs: list[Path]) -> list[str]:
     return sorted(names)
 
 
-# The packages pbuilder itself needs in the apt root (iproute2: its loopback in the
-# build's network namespace; dpkg-dev: dpkg-source and dpkg-scanpackages).
-PBUILDER_HOST = ["pbuilder", "debootstrap", "iproute2", "dpkg-dev"]
+# The build tools the integration tests run in the apt root: pbuilder (with iproute2,
+# its loopback in the build's network namespace, and dpkg-dev: dpkg-source and
+# dpkg-scanpackages), and rpm (rpm, rpmbuild) for the mock and hasher examples, whose
+# image step installs RPMs with rpm --root.
+TOOLS = ["pbuilder", "debootstrap", "iproute2", "dpkg-dev", "rpm"]
 
 
-def pbuilder_root(debs: list[Path]) -> Path:
-    """The apt root (apt_root) with pbuilder installed and a base tarball made once by
-    ``pbuilder create`` at pbuilder's default place (/var/cache/pbuilder/base.tgz,
+def tools_root(debs: list[Path]) -> Path:
+    """The apt root (apt_root) with TOOLS installed and pbuilder's base tarball made
+    once by ``pbuilder create`` at its default place (/var/cache/pbuilder/base.tgz,
     uncompressed: extracting it is then cheap), holding what the .debs depend on, so
     that a build's Build-Depends: hshelper needs nothing from the network. Cached under
-    a key of the apt root, pbuilder's packages and those dependencies."""
+    a key of the apt root, TOOLS and those dependencies."""
     lower = apt_root(debs)
-    recipe = ["bookworm-pbuilder", lower.name, PBUILDER_HOST, deb_dependencies(debs),
-              MIRROR, SECURITY]
+    recipe = ["bookworm-tools", lower.name, TOOLS, deb_dependencies(debs), MIRROR, SECURITY]
     key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]
-    target = CACHE / f"bookworm-pbuilder-{key}"
+    target = CACHE / f"bookworm-tools-{key}"
     if (target / ".hshelper-root-done").exists():
         return target
-    with _locked(CACHE / ".bookworm-pbuilder.lock"):
+    with _locked(CACHE / ".bookworm-tools.lock"):
         if (target / ".hshelper-root-done").exists():
             return target
-        for stale in CACHE.glob("bookworm-pbuilder-*"):
+        for stale in CACHE.glob("bookworm-tools-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp = CACHE / f".{target.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             subprocess.run(["cp", "-ax", str(lower), str(tmp)], check=True)
-            _in_root(tmp, [*APT_INSTALL, *PBUILDER_HOST])
+            _in_root(tmp, [*APT_INSTALL, *TOOLS])
             _in_root(tmp, ["pbuilder", "create", "--distribution", "bookworm",
                            "--mirror", MIRROR,
                            "--othermirror", f"deb {SECURITY} bookworm-security main",

@@ -182,3 +182,20 @@ def test_apt_installs_the_debs_and_helper_run_works_unprivileged(debs, tmp_path)
         report = json.loads((work / "report.json").read_text())
         assert report["status"] == 0
         assert report["kernel"]["version"].endswith("-amd64")
+
+
+def test_every_debian_architecture_has_its_qemu_and_kernel():
+    """The run package is built for the architectures debian/control lists; debian/rules
+    names the qemu system package and the generic kernel of each (Debian 12 names)."""
+    rules = (SRC / "debian/rules").read_text()
+    qemu = dict(re.findall(r"^QEMU_(\S+) = (\S+)$", rules, re.M))
+    kernel = dict(re.findall(r"^KERNEL_(\S+) = (\S+)$", rules, re.M))
+    control = (SRC / "debian/control").read_text()
+    block = control[control.index("\nPackage: hshelper\n"):]
+    archs = re.search(r"^Architecture: (.*)$", block, re.M).group(1).split()
+    assert sorted(qemu) == sorted(kernel) == sorted(archs)
+    assert qemu == {"amd64": "qemu-system-x86", "i386": "qemu-system-x86",
+                    "arm64": "qemu-system-arm", "armhf": "qemu-system-arm",
+                    "ppc64el": "qemu-system-ppc", "s390x": "qemu-system-misc",
+                    "riscv64": "qemu-system-misc"}
+    assert all(name.startswith("linux-image-") for name in kernel.values())
