@@ -372,6 +372,7 @@ class Buildroot:
 
     def doChroot(self, command, nosync=False, *args, **kargs):
         """Execute given command in root. Returns (output, child.returncode)"""
+        # (mock first removes stale rpmdb lock files of the chroot: none here.)
         env = dict(self.env)
         if nosync and self.nosync_path:
             env["LD_PRELOAD"] = self.nosync_path
