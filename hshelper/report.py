@@ -39,8 +39,19 @@ def sha256_file(path: Path) -> str:
 
 
 def disk_artifacts(disks: tuple[Disk, ...]) -> list[Artifact]:
-    """The disks the command could write: a read-only disk is an input, not a result."""
-    return [Artifact(d.path, "disk", d.format) for d in disks if not d.readonly]
+    """The disks the command could write (a read-only disk is an input, not a result),
+    as they are after the run. A recipe's OUTPUT.part that became OUTPUT is reported
+    as OUTPUT; a disk that is gone (removed after a failure) is not reported."""
+    found = []
+    for disk in disks:
+        if disk.readonly:
+            continue
+        path = Path(disk.path)
+        if not path.exists() and path.name.endswith(".part"):
+            path = path.with_name(path.name[:-len(".part")])
+        if path.exists():
+            found.append(Artifact(path, "disk", disk.format))
+    return found
 
 
 def expand_patterns(patterns: list[str], cwd: str) -> tuple[list[Artifact], list[str]]:

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -215,3 +216,174 @@ def _fedora_layout(root: Path) -> None:
 
 
 DERIVE = {"fedora-layout": _fedora_layout, "hasher-like": _hasher_dev}
+
+
+# ------------------------------------------------------------------ apt-installed packages
+
+# What the .debs pull is installed the way a buildd installs build dependencies: Depends
+# only. helper-run must work with those alone (sbuild and pbuilder install no
+# Recommends either).
+APT_INSTALL = ["apt-get", "install", "-y", "-q", "--no-install-recommends"]
+APT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive",
+           "LC_ALL": "C.UTF-8", "HOME": "/root"}
+
+
+def _deb_relations(deb: Path) -> list[str]:
+    fields = ("Package", "Pre-Depends", "Depends", "Recommends", "Provides")
+    out = subprocess.run(["dpkg-deb", "-f", str(deb), *fields], capture_output=True,
+                         text=True, check=True).stdout
+    return sorted(out.splitlines())
+
+
+def apt_root(debs: list[Path]) -> Path:
+    """A clean bookworm (mmdebstrap minbase, apt's lists kept) in which ``apt-get install
+    ./DEB...`` pulled the packages' dependencies from the archive, after which the
+    packages themselves were purged: Debian plus exactly what their dependencies
+    brought. Cached under a key of how it is made and of the packages' relation
+    fields, so a change to debian/control makes it again from scratch (and proves the
+    pull again); a run installs the packages of the checkout on top (apt_overlay)."""
+    recipe = ["bookworm-apt", LAYOUT_VERSION, MIRROR, SECURITY, APT_INSTALL,
+              [_deb_relations(deb) for deb in sorted(debs)]]
+    key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]
+    target = CACHE / f"bookworm-apt-{key}"
+    if (target / ".hshelper-root-done").exists():
+        return target
+    with _locked(CACHE / ".bookworm-apt.lock"):
+        if (target / ".hshelper-root-done").exists():
+            return target
+        for stale in CACHE.glob("bookworm-apt-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = CACHE / f".{target.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase",
+                            "--format=directory", "--skip=cleanup/apt/lists",
+                            "bookworm", str(tmp), MIRROR,
+                            f"deb {SECURITY} bookworm-security main"], check=True)
+            _apt_install(tmp, debs)
+            names = [_deb_field(deb, "Package") for deb in debs]
+            _in_root(tmp, ["apt-get", "purge", "-y", "-q", *names])
+            _in_root(tmp, ["apt-get", "clean"])
+            (tmp / ".hshelper-root-done").write_text(json.dumps(recipe) + "\n")
+            os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _deb_field(deb: Path, name: str) -> str:
+    return subprocess.run(["dpkg-deb", "-f", str(deb), name], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def _in_root(root: Path, argv: list[str], cwd: str = "/") -> subprocess.CompletedProcess:
+    """``argv`` as root in ``root`` with /proc mounted, apt's environment; raises with
+    the output when it fails."""
+    (root / "proc").mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True)
+    try:
+        proc = subprocess.run(["chroot", str(root), "/usr/bin/env", "-i",
+                               *[f"{k}={v}" for k, v in APT_ENV.items()],
+                               "/bin/sh", "-c", 'cd "$0" && exec "$@"', cwd, *argv],
+                              capture_output=True, text=True, timeout=1800)
+    finally:
+        subprocess.run(["umount", "-l", str(root / "proc")], check=False)
+    if proc.returncode:
+        raise RuntimeError(f"{argv} in {root} exited {proc.returncode}:\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _apt_install(root: Path, debs: list[Path]) -> subprocess.CompletedProcess:
+    """``apt-get install ./NAME.deb...`` in ``root``, the files copied to /tmp/debs."""
+    where = root / "tmp/debs"
+    where.mkdir(parents=True, exist_ok=True)
+    for deb in debs:
+        shutil.copy(deb, where)
+    try:
+        return _in_root(root, [*APT_INSTALL, *[f"./{deb.name}" for deb in debs]],
+                        cwd="/tmp/debs")
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def apt_overlay(debs: list[Path], lower: Path | None = None):
+    """``lower`` (default: the apt root, apt_root) under a private overlay, with
+    ``apt-get install ./NAME.deb...`` of ``debs`` done in it; yields (root, apt's
+    output)."""
+    with overlay(lower or apt_root(debs)) as merged:
+        yield merged, _apt_install(merged, debs)
+
+
+def deb_dependencies(debs: list[Path]) -> list[str]:
+    """The archive packages ``debs`` depend on: the first of each set of alternatives,
+    without versions or architecture qualifiers, the debs themselves left out."""
+    own = {_deb_field(deb, "Package") for deb in debs}
+    names = set()
+    for deb in debs:
+        for relation in _deb_field(deb, "Depends").split(","):
+            name = relation.split("|")[0].split("(")[0].strip().split(":")[0]
+            if name and name not in own:
+                names.add(name)
+    return sorted(names)
+
+
+# The build tools the integration tests run in the apt root: pbuilder (with iproute2,
+# its loopback in the build's network namespace, and dpkg-dev: dpkg-source and
+# dpkg-scanpackages), and rpm (rpm, rpmbuild) for the mock and hasher examples, whose
+# image step installs RPMs with rpm --root.
+TOOLS = ["pbuilder", "debootstrap", "iproute2", "dpkg-dev", "rpm"]
+
+
+def tools_root(debs: list[Path]) -> Path:
+    """The apt root (apt_root) with TOOLS installed and pbuilder's base tarball made
+    once by ``pbuilder create`` at its default place (/var/cache/pbuilder/base.tgz,
+    uncompressed: extracting it is then cheap), holding what the .debs depend on, so
+    that a build's Build-Depends: hshelper needs nothing from the network. Cached under
+    a key of the apt root, TOOLS and those dependencies."""
+    lower = apt_root(debs)
+    recipe = ["bookworm-tools", lower.name, TOOLS, deb_dependencies(debs), MIRROR, SECURITY]
+    key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]
+    target = CACHE / f"bookworm-tools-{key}"
+    if (target / ".hshelper-root-done").exists():
+        return target
+    with _locked(CACHE / ".bookworm-tools.lock"):
+        if (target / ".hshelper-root-done").exists():
+            return target
+        for stale in CACHE.glob("bookworm-tools-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = CACHE / f".{target.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            subprocess.run(["cp", "-ax", str(lower), str(tmp)], check=True)
+            _in_root(tmp, [*APT_INSTALL, *TOOLS])
+            _in_root(tmp, ["pbuilder", "create", "--distribution", "bookworm",
+                           "--mirror", MIRROR,
+                           "--othermirror", f"deb {SECURITY} bookworm-security main",
+                           "--compressprog", "cat", "--aptcache", "",
+                           "--extrapackages", " ".join(deb_dependencies(debs))])
+            _in_root(tmp, ["apt-get", "clean"])
+            (tmp / ".hshelper-root-done").write_text(json.dumps(recipe) + "\n")
+            os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@contextlib.contextmanager
+def overlay(lower: Path):
+    """``lower`` under a private, writable overlay for the duration; yields the merged
+    root. ``lower`` never changes; the overlay goes afterwards."""
+    top = Path(tempfile.mkdtemp(prefix="hshelper-overlay.", dir=CACHE))
+    merged, upper, work = top / "root", top / "upper", top / "work"
+    for path in (merged, upper, work):
+        path.mkdir()
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)],
+                   check=True)
+    try:
+        yield merged
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(merged)], check=False)
+        shutil.rmtree(top, ignore_errors=True)

@@ -57,6 +57,19 @@ def install(root: Path) -> None:
         wrapper.parent.mkdir(parents=True, exist_ok=True)
         wrapper.write_text(WRAPPER.format(func=func))
         wrapper.chmod(0o755)
+    install_integrations(root)
+
+
+def install_integrations(root: Path) -> None:
+    """integrations/ at /usr/share/hshelper/integrations, where the packages put it."""
+    target = root / "usr/share/hshelper/integrations"
+    tmp = Path(tempfile.mkdtemp(prefix=".integrations.", dir=root / "opt"))
+    shutil.copytree(SRC / "integrations", tmp / "integrations",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(tmp / "integrations", target)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

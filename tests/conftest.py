@@ -3,7 +3,9 @@ checkout's hshelper installed, ready to run as the build user."""
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import buildroots  # noqa: E402
 import chroot  # noqa: E402
+import packages  # noqa: E402
 
 _installed: set[str] = set()
 
@@ -41,3 +44,16 @@ def root(bookworm):
 @pytest.fixture(scope="session")
 def root_factory():
     return _root
+
+
+@pytest.fixture(scope="session")
+def debs():
+    """python3-hshelper and hshelper .debs built from this checkout's release tarball
+    with dpkg-buildpackage (once a session), in a directory every user can read (sbuild
+    runs as an unprivileged user)."""
+    top = Path(tempfile.mkdtemp(prefix="hshelper-debs.", dir="/var/tmp"))
+    top.chmod(0o755)
+    try:
+        yield packages.build_debs(top / "build")
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

@@ -47,6 +47,17 @@ def test_build_report_hashes_what_is_on_disk(tmp_path):
     json.dumps(data)  # all of it serialisable
 
 
+def test_disk_artifacts_follow_a_recipe_output_and_skip_a_removed_disk(tmp_path):
+    """A recipe attaches OUTPUT.part and renames it OUTPUT when done (helper-run
+    --recipe mkimage): the report lists OUTPUT. A disk removed after a failure is not
+    listed (it used to be an internal error of the report plugin)."""
+    (tmp_path / "disk.img").write_bytes(b"done")
+    disks = (Disk(tmp_path / "disk.img.part", "out"), Disk(tmp_path / "gone.img", "gone"),
+             Disk(tmp_path / "other.img.part", "other"))
+    found = report.disk_artifacts(disks)
+    assert [(a.path, a.kind) for a in found] == [(tmp_path / "disk.img", "disk")]
+
+
 # ------------------------------------------------------------------ real runs
 
 

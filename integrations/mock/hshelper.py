@@ -3,14 +3,17 @@ build, as the unprivileged build user inside the build root, and put what it mak
 mock's result directory.
 
 Install as ``hshelper.py`` in mock's plugin directory (``config_opts['plugin_dir']``,
-e.g. /usr/lib/python3.X/site-packages/mockbuild/plugins) and add to
-``/etc/mock/site-defaults.cfg`` (or a chroot config)::
+e.g. /usr/lib/python3.X/site-packages/mockbuild/plugins; package hshelper-mock) and add
+to ``/etc/mock/site-defaults.cfg`` (or a chroot config)::
 
     config_opts['plugins'].append('hshelper')
     config_opts['plugin_conf']['hshelper_enable'] = False   # mock --enable-plugin=hshelper
     config_opts['plugin_conf']['hshelper_opts'] = {
-        'command': 'helper-run --disk disk.img,size=1G,name=out ./mkimage.sh',
+        'command': '/usr/share/hshelper/integrations/common/hshelper-image-from-packages'
+                   ' --size 1G /hshelper-base/base.tar',
     }
+
+(docs/integrations.md has the complete example, with the bind mount of base.tar.)
 
 Options (``config_opts['plugin_conf']['hshelper_opts']``):
 
@@ -18,13 +21,26 @@ Options (``config_opts['plugin_conf']['hshelper_opts']``):
 ``workdir``      its working directory in the chroot (default: ``<homedir>/hshelper``)
 ``artifacts``    globs, relative to workdir, copied to the result dir (default ``['*']``)
 ``report``       file name of hshelper's JSON run report in workdir ('' for none)
-``kvm``          give the chroot the host's /dev/kvm when there is one (default True)
+``kvm``          give the chroot the host's /dev/kvm (default False, see below)
 ``after_failure``  run the step after a failed build too (default False)
 ``env``          extra environment for the step (a dict)
 
-The step's environment has ``HSHELPER_RPMS`` (the chroot paths of the built binary
-RPMs, space-separated) and ``HSHELPER_BUILD_RESULT``. This module imports nothing from
-mock at import time, so it loads (and is tested) without mock installed.
+``kvm``: mock gives a build root no /dev/kvm, and its maintainers keep it that way by
+default (a device of the host in a chroot the build's code controls; mock issue 569).
+So does this plugin: without it helper-run runs its VM under TCG (emulation: slower,
+the same result), and the plugin says so in the log. ``'kvm': True`` bind-mounts the
+host's /dev/kvm into the chroot (simple isolation) or adds ``--bind=/dev/kvm`` and
+``--property=DeviceAllow=/dev/kvm rw`` to ``nspawn_args`` (systemd-nspawn), for the
+build (a %check using helper-run) and the step alike; hshelper still uses KVM only
+after a probe guest really ran under it.
+
+The step's environment is mock's (``buildroot.env``) plus ``HSHELPER_RPMS`` (the chroot
+paths of the built binary RPMs, space-separated), ``HSHELPER_PACKAGES`` (the same, the
+name hshelper-after-build uses), ``HSHELPER_BUILD_RESULT``, ``HSHELPER_REPORT_FILE`` and
+``env``. It runs through mock's own ``Buildroot.doChroot``, as mock's bundled plugins
+run theirs. The plugin is skipped in mock's bootstrap chroot (``run_in_bootstrap``; older
+mock, which ignores it, gets the same from ``buildroot.is_bootstrap``). This module
+imports nothing from mock at import time, so it loads (and is tested) without mock.
 """
 
 from __future__ import annotations
@@ -35,18 +51,24 @@ import os
 import shutil
 
 requires_api_version = "1.1"
+# mock >= 5.0 does not initialise plugins that say so for its bootstrap chroot, which
+# only installs packages: no step to run, no /dev/kvm to give.
+run_in_bootstrap = False
 
 DEFAULTS = {"command": None, "workdir": None, "artifacts": ["*"],
-            "report": "hshelper-report.json", "kvm": True, "after_failure": False, "env": {}}
+            "report": "hshelper-report.json", "kvm": False, "after_failure": False, "env": {}}
 KVM = "/dev/kvm"
 # systemd-nspawn gives a container its own /dev and a device policy: both must allow kvm.
-NSPAWN_KVM_ARGS = ["--bind=/dev/kvm", "--property=DeviceAllow=/dev/kvm rw"]
+NSPAWN_KVM_ARGS = ("--bind=/dev/kvm", "--property=DeviceAllow=/dev/kvm rw")
+SWITCH = "config_opts['plugin_conf']['hshelper_opts']['kvm'] = True"
 
 log = logging.getLogger("mockbuild.plugins.hshelper")
 
 
 def init(plugins, conf, buildroot):
     """mock's plugin entry point (API 1.1)."""
+    if getattr(buildroot, "is_bootstrap", False):
+        return
     HshelperStep(plugins, conf, buildroot)
 
 
@@ -59,23 +81,29 @@ def options(conf: dict) -> dict:
     return merged
 
 
-def step_argv(command) -> list[str]:
-    """A shell string runs with sh -c (as in a %check line); a list is the argv."""
-    if isinstance(command, str):
-        return ["/bin/sh", "-c", command]
-    return [str(word) for word in command]
+def step_argv(command, env: dict[str, str]) -> list[str]:
+    """The argv for doChroot: ``env`` in front (mock's doChroot builds the environment
+    from ``buildroot.env`` itself), then a shell string through sh -c (as in a %check
+    line) or a list as it is."""
+    words = ["/bin/sh", "-c", command] if isinstance(command, str) \
+        else [str(word) for word in command]
+    return ["/usr/bin/env", *[f"{k}={v}" for k, v in env.items()], *words]
 
 
-def kvm_setup(isolation: str, host_has_kvm: bool) -> tuple[bool, list[str]]:
-    """(bind-mount /dev/kvm into the chroot, extra nspawn_args) for mock's isolation
-    mode. mock itself gives a build root no /dev/kvm."""
+def kvm_plan(wanted: bool, use_nspawn: bool, host_has_kvm: bool) -> tuple[bool, tuple, str]:
+    """(bind-mount /dev/kvm into the chroot, nspawn_args to add, what to tell the user)
+    for the ``kvm`` option, mock's isolation and the host."""
+    if not wanted:
+        return False, (), ("hshelper: the chroot gets no /dev/kvm (mock's default): "
+                           f"helper-run runs its VM under TCG, slower; {SWITCH} gives it "
+                           "the host's")
     if not host_has_kvm:
-        return False, []
-    if isolation == "simple":
-        return True, []
-    # "nspawn", or "auto" (nspawn when it is usable): both, the bind mount serving a
-    # fallback to simple chroot.
-    return True, list(NSPAWN_KVM_ARGS)
+        return False, (), "hshelper: the host has no /dev/kvm: helper-run uses TCG"
+    if use_nspawn:
+        return False, NSPAWN_KVM_ARGS, ("hshelper: /dev/kvm for the chroot (systemd-nspawn "
+                                        "--bind); hshelper uses it after a probe")
+    return True, (), "hshelper: /dev/kvm bind-mounted into the chroot; hshelper uses it " \
+                     "after a probe"
 
 
 def built_rpms(chroot_builddir: str, host_builddir: str) -> list[str]:
@@ -107,10 +135,33 @@ def collect(workdir_host: str, patterns: list[str], resultdir: str, owner: tuple
             dest = os.path.join(resultdir, name)
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             with open(path, "rb", opener=_nofollow) as src, open(dest, "wb") as out:
-                shutil.copyfileobj(src, out)
+                copy_sparse(src.fileno(), out.fileno())
             os.chown(dest, *owner)
             copied.append(name)
     return copied
+
+
+def copy_sparse(src: int, dst: int, chunk: int = 1 << 20) -> None:
+    """Copy the data of ``src`` to ``dst`` and leave its holes holes: disk images are
+    mostly holes, and a copy that writes them out costs their full size."""
+    size = os.fstat(src).st_size
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(src, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole is left
+            break
+        end = os.lseek(src, start, os.SEEK_HOLE)
+        os.lseek(src, start, os.SEEK_SET)
+        os.lseek(dst, start, os.SEEK_SET)
+        while start < end:
+            data = os.read(src, min(chunk, end - start))
+            if not data:
+                break
+            os.write(dst, data)
+            start += len(data)
+        pos = end
+    os.ftruncate(dst, size)
 
 
 def _nofollow(path: str, flags: int) -> int:
@@ -128,8 +179,8 @@ def fresh_workdir(root: str, workdir_host: str, owner: tuple[int, int]) -> None:
 
 
 class HshelperStep:
-    """Registered hooks: ``postinit`` (make the /dev/kvm mount point), ``postbuild``
-    (run the step)."""
+    """Registered hooks: ``postinit`` (the /dev/kvm mount point, when asked for),
+    ``postbuild`` (run the step)."""
 
     def __init__(self, plugins, conf, buildroot):
         self.buildroot = buildroot
@@ -138,25 +189,28 @@ class HshelperStep:
             log.warning("hshelper plugin enabled without hshelper_opts['command']: "
                         "nothing to run")
             return
-        self.bind_kvm = False
-        if self.opts["kvm"]:
-            config = buildroot.config
-            self.bind_kvm, nspawn = kvm_setup(config.get("isolation", "auto"),
-                                              os.path.exists(KVM))
-            if nspawn:
-                config["nspawn_args"] = [*config.get("nspawn_args", []),
-                                         *[a for a in nspawn
-                                           if a not in config.get("nspawn_args", [])]]
-            if self.bind_kvm:
-                from mockbuild.mounts import BindMountPoint  # mock is running: it exists
+        from mockbuild import util  # mock is running: it exists
 
-                buildroot.mounts.add_user_mount(BindMountPoint(
-                    srcpath=KVM, bindpath=buildroot.make_chroot_path(KVM)))
-                plugins.add_hook("postinit", self.make_kvm_node)
+        bind, nspawn, message = kvm_plan(bool(self.opts["kvm"]), bool(util.USE_NSPAWN),
+                                         os.path.exists(KVM))
+        log.info(message)
+        config = buildroot.config
+        extra = [arg for arg in nspawn if arg not in config.get("nspawn_args", [])]
+        if extra:
+            # mock passes config['nspawn_args'] to the build's own commands: a %check
+            # running helper-run gets /dev/kvm too.
+            config["nspawn_args"] = [*config.get("nspawn_args", []), *extra]
+        if bind:
+            from mockbuild.mounts import BindMountPoint
+
+            buildroot.mounts.add_user_mount(BindMountPoint(
+                srcpath=KVM, bindpath=buildroot.make_chroot_path(KVM)))
+            plugins.add_hook("postinit", self.make_kvm_node)
         plugins.add_hook("postbuild", self.run_step)
 
     def make_kvm_node(self):
-        """A bind mount needs a file to mount on."""
+        """A bind mount needs a file to mount on (mock mounts user mounts after the
+        postinit hooks)."""
         target = self.buildroot.make_chroot_path(KVM)
         if not os.path.exists(target):
             os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -173,22 +227,26 @@ class HshelperStep:
         workdir_host = buildroot.make_chroot_path(workdir)
         fresh_workdir(buildroot.make_chroot_path(), workdir_host,
                       (buildroot.chrootuid, buildroot.chrootgid))
-        env = dict(buildroot.env)
-        env.update({str(k): str(v) for k, v in self.opts["env"].items()})
-        env["HSHELPER_RPMS"] = " ".join(built_rpms(
-            buildroot.builddir, buildroot.make_chroot_path(buildroot.builddir)))
-        env["HSHELPER_BUILD_RESULT"] = str(result)
+        rpms = " ".join(built_rpms(buildroot.builddir,
+                                   buildroot.make_chroot_path(buildroot.builddir)))
+        env = {str(k): str(v) for k, v in self.opts["env"].items()}
+        env.update(HSHELPER_RPMS=rpms, HSHELPER_PACKAGES=rpms,
+                   HSHELPER_BUILD_RESULT=str(result))
         patterns = list(self.opts["artifacts"])
         if self.opts["report"]:
             env["HSHELPER_REPORT_FILE"] = os.path.join(workdir, self.opts["report"])
             patterns.append(self.opts["report"])
-        argv = step_argv(self.opts["command"])
+        argv = step_argv(self.opts["command"], env)
+        config = buildroot.config
         log.info("hshelper: running %s in %s as %s", argv, workdir, buildroot.chrootuser)
         try:
-            buildroot.doChroot(argv, shell=False, cwd=workdir, env=env,
+            # What mock's bundled plugins pass (rpmautospec): doChroot makes the
+            # environment from buildroot.env, so none is given here.
+            buildroot.doChroot(argv, shell=False, cwd=workdir, logger=buildroot.build_log,
                                uid=buildroot.chrootuid, gid=buildroot.chrootgid,
                                user=buildroot.chrootuser, printOutput=True,
-                               nspawn_args=list(buildroot.config.get("nspawn_args", [])))
+                               unshare_net=not config.get("rpmbuild_networking", False),
+                               nspawn_args=list(config.get("nspawn_args", [])))
         finally:
             # Also after a failed step: its report and partial output explain the failure.
             st = os.stat(buildroot.resultdir)
