@@ -106,7 +106,9 @@ def device_problem(path: str = KVM_DEVICE) -> str | None:
     except OSError:
         return (f"{path} does not exist (no KVM on this machine, or the build root does not "
                 f"have it: hasher: hsh --mountpoints=/dev/kvm with allowed_mountpoints in "
-                f"hasher-priv; mock: bind-mount /dev/kvm)")
+                f"hasher-priv; mock: config_opts['plugin_conf']['hshelper_opts']['kvm'] = "
+                f"True; sbuild: the chroot-setup script in "
+                f"/usr/share/hshelper/integrations/sbuild)")
     if not os.access(path, os.R_OK | os.W_OK):
         return (f"{path} is not readable and writable by uid {os.getuid()} "
                 f"(add the build user to the kvm group or give it access to {path})")
