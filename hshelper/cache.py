@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 import zlib
 from pathlib import Path
 
@@ -150,6 +151,29 @@ def discard(path: Path) -> None:
     for victim in (path, _sum_path(path)):
         with contextlib.suppress(FileNotFoundError):
             victim.unlink()
+
+
+def write_json(path: Path, value) -> None:
+    """A small checked entry (a plan memo, a probe answer): JSON with its record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_checked(path, json.dumps(value).encode())
+
+
+def read_json(path: Path, what: str):
+    """A checked JSON entry, or None when it is missing or damaged (then it is removed,
+    and one line says so)."""
+    problem = damage(path)
+    if problem == "missing":
+        return None
+    if problem is None:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            problem = f"unreadable: {exc}"
+    print(f"hshelper: the cached {what} {path} was damaged ({problem}); making it again",
+          file=sys.stderr)
+    discard(path)
+    return None
 
 
 @contextlib.contextmanager

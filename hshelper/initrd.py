@@ -477,17 +477,13 @@ def _result(info: dict, final: Path, key: str, cached: bool, start: float) -> Im
 def _memo_write(path: Path, plan: ImagePlan, key: str) -> None:
     memo = {"image": key, "watch": [[p, watch_stamp(p)] for p in plan.watch], **summary(plan)}
     with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, path)
+        cache.write_json(path, memo)
 
 
 def _memo_read(path: Path) -> dict | None:
     """The memo when every watched path is as it was when the plan was made."""
-    try:
-        memo = json.loads(path.read_text())
-    except (OSError, ValueError):
+    memo = cache.read_json(path, "image plan")
+    if not isinstance(memo, dict):
         return None
     for watched, stamp in memo.get("watch", []):
         if watch_stamp(watched) != stamp:

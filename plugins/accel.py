@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import time
 from pathlib import Path
 
 from hshelper import cache
-from hshelper.atomic import write_atomic
 from hshelper.config import Key
 from hshelper.errors import HshelperError
 from hshelper.hookspecs import hookimpl
@@ -37,7 +35,9 @@ def boot_id() -> str | None:
 
 def _cached(cache_file: Path, ident: dict) -> tuple[bool, str] | None:
     try:
-        saved = json.loads(cache_file.read_text())
+        saved = cache.read_json(cache_file, "KVM probe answer")
+        if saved is None:
+            return None
         fresh = ident["boot"] is not None or time.time() - saved["time"] < UNKNOWN_BOOT_TTL
         if saved["ident"] == ident and fresh:
             return saved["usable"], saved["reason"] + " (cached for this boot)"
@@ -81,9 +81,8 @@ def cached_probe(qemu: str, machine, kernel: Path, timeout: float,
             return hit
         result = probe.probe_kvm(qemu, machine, kernel, timeout=timeout)
         with contextlib.suppress(OSError):
-            write_atomic(cache_file, json.dumps(
-                {"ident": ident, "time": time.time(), "usable": result.usable,
-                 "reason": result.reason}).encode())
+            cache.write_json(cache_file, {"ident": ident, "time": time.time(),
+                                          "usable": result.usable, "reason": result.reason})
     return result.usable, result.reason
 
 

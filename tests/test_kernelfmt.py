@@ -73,3 +73,14 @@ def test_damage_is_size_first_then_crc(tmp_path):
     assert cache.damage(entry) == "its content changed since it was written"
     cache.discard(entry)
     assert cache.damage(entry) == "missing"
+
+
+def test_a_damaged_json_entry_is_removed_and_said(tmp_path, capsys):
+    entry = tmp_path / "plans" / "x"
+    cache.write_json(entry, {"image": "abc", "watch": []})
+    assert cache.read_json(entry, "image plan") == {"image": "abc", "watch": []}
+    text = entry.read_bytes()
+    entry.write_bytes(text.replace(b"abc", b"abd"))  # still JSON, not what was written
+    assert cache.read_json(entry, "image plan") is None
+    assert "the cached image plan" in capsys.readouterr().err and not entry.exists()
+    assert cache.read_json(entry, "image plan") is None  # missing: silently None
