@@ -115,12 +115,20 @@ class Sysroot:
         return {}
 
     def kernel_package_hint(self) -> str:
+        """What to install for a kernel, for this distribution and architecture (the
+        machine table's package names, from the build root's own programs)."""
+        from hshelper.qemu import machines  # data only; the arch comes from the root
+
+        found = self.binary_arch()
+        machine = machines.from_elf(*found[0]) if found else None
+        names = dict(KERNEL_PACKAGES, **(machine.kernel_packages if machine else {}))
         ids = [self.os_release.get("ID", "")] + self.os_release.get("ID_LIKE", "").split()
         for distro_id in ids:
-            if distro_id in KERNEL_PACKAGES:
-                return f"install the kernel package: {KERNEL_PACKAGES[distro_id]}"
+            if distro_id in names:
+                return f"install the kernel package: {names[distro_id]}"
+        debian = names.get("debian", "linux-image-amd64")
         return ("install a kernel package (ALT: kernel-image-un-def, Fedora: kernel-core, "
-                "Debian: linux-image-amd64)")
+                f"Debian: {debian})")
 
     # ------------------------------------------------------------ kernels
 

@@ -11,6 +11,7 @@ libstdc++ alone is 3 MB). No config keys.
 
 from __future__ import annotations
 
+from hshelper import elf
 from hshelper.hookspecs import hookimpl
 from hshelper.model import Contents, File, Program
 
@@ -35,9 +36,9 @@ FS_MODULES = {"xfs": "mkfs.xfs", "btrfs": "mkfs.btrfs"}
 
 
 # dosfstools converts file names through iconv's CP850 (its default codepage) and warns
-# on every mkfs.vfat without it; glibc finds it through the gconv cache.
-GCONV_DIRS = ("/usr/lib/x86_64-linux-gnu/gconv", "/usr/lib/aarch64-linux-gnu/gconv",
-              "/usr/lib64/gconv", "/usr/lib/gconv")
+# on every mkfs.vfat without it; glibc finds it through the gconv cache. Debian keeps it
+# in the multiarch directory of the architecture, others in lib64 or lib.
+GCONV_DIRS = ("/usr/lib64/gconv", "/usr/lib/gconv")
 GCONV_FILES = ("gconv-modules", "gconv-modules.cache", "IBM850.so")
 
 
@@ -45,7 +46,9 @@ def gconv_files(sysroot) -> tuple[str, ...]:
     """CP850 for mkfs.vfat, from the first gconv directory the build root has."""
     if not (sysroot.which("mkfs.fat") or sysroot.which("mkfs.vfat")):
         return ()
-    for directory in GCONV_DIRS:
+    multiarch = [f"{d}/gconv" for d in elf.multiarch_dirs(sysroot.root)
+                 if d.startswith("/usr/")]
+    for directory in (*multiarch, *GCONV_DIRS):
         if sysroot.exists(f"{directory}/IBM850.so"):
             return tuple(f"{directory}/{name}" for name in GCONV_FILES
                          if sysroot.exists(f"{directory}/{name}"))

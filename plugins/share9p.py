@@ -116,7 +116,8 @@ def hshelper_qemu_args(spec, image, machine):
         raise HshelperError(
             f"kernel {image.kernel_version} has no 9p support (Debian's cloud kernel has "
             "none), so the working directory cannot be shared",
-            hint="install a kernel with 9p modules (Debian: linux-image-amd64), or run "
+            hint=f"install a kernel with 9p modules (Debian: "
+                 f"{machine.kernel_packages.get('debian', 'its generic kernel')}), or run "
                  "with --no-share-cwd and pass data on --disk images")
     if spec.shares and not os.path.isdir("/proc/self/fd"):
         raise HshelperError("/proc is not mounted here, and QEMU's 9p server needs it "

@@ -79,3 +79,24 @@ def test_absolute_symlinks_stay_inside_root(tmp_path):
     assert root.which("sh") == "/usr/bin/sh"
     assert root.resolve("/usr/bin/sh").path == "/usr/bin/dash"
     assert root.which("escape") is None
+
+
+def _elf_header(machine: int) -> bytes:
+    """A 64-bit little-endian ELF header with no segments: enough for read_elf."""
+    import struct
+
+    ident = b"\x7fELF" + bytes([2, 1, 1]) + b"\0" * 9
+    return ident + struct.pack("<HHIQQQIHHHHHH", 2, machine, 1, 0, 64, 0, 0, 64, 56, 0,
+                               64, 0, 0)
+
+
+@pytest.mark.parametrize("machine, package", [(183, "linux-image-arm64"),
+                                              (62, "linux-image-amd64")])
+def test_the_kernel_hint_names_the_build_roots_architecture(tmp_path, machine, package):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin/sh").write_bytes(_elf_header(machine))
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/os-release").write_text("ID=debian\n")
+    root = Sysroot(tmp_path)
+    assert root.binary_arch()[0][0] == machine
+    assert root.kernel_package_hint() == f"install the kernel package: {package}"
