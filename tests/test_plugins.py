@@ -137,7 +137,9 @@ BAD_CONFIGS = {
     "unknown-key": ("[image]\ncompresion = 'gzip'\n", "compression"),
     "wrong-type": ("[run]\nmemory = 'lots'\n", "run.memory"),
     "missing-plugin": ('[plugins]\nload = ["nowhere.py"]\n', "nowhere.py does not exist"),
-    "raising-plugin": ('[plugins]\nload = ["broken.py"]\n', "broken"),
+    "raising-plugin": ('[plugins]\nload = ["broken.py"]\n',
+                       "internal error in plugin broken: RuntimeError: this plugin is broken "
+                       "on purpose"),
 }
 BROKEN_PLUGIN = """
 from hshelper.hookspecs import hookimpl
