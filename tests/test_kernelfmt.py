@@ -84,3 +84,21 @@ def test_a_damaged_json_entry_is_removed_and_said(tmp_path, capsys):
     assert cache.read_json(entry, "image plan") is None
     assert "the cached image plan" in capsys.readouterr().err and not entry.exists()
     assert cache.read_json(entry, "image plan") is None  # missing: silently None
+
+
+def test_an_unwritten_entry_is_not_read_again_and_a_copied_one_is(tmp_path, monkeypatch):
+    entry = cache.write_checked(tmp_path / "big", b"x" * 4096)
+    reads = []
+    monkeypatch.setattr(cache, "crc_of", lambda p: reads.append(p) or (4096, 0))
+    assert cache.damage(entry) is None and reads == []  # stamp unchanged: no read
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copy2(entry, copy)
+    shutil.copy(entry.with_name("big.sum"), copy.with_name("copy.sum"))
+    monkeypatch.undo()
+    assert cache.damage(copy) is None  # another inode: read, CRC matches, re-recorded
+    import os
+
+    os.utime(copy, ns=(0, 0))  # a stamp change alone does not make it damaged
+    assert cache.damage(copy) is None
