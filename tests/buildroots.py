@@ -30,6 +30,9 @@ LAYOUT_VERSION = 3
 HSHELPER_DEPS = ["python3", "python3-pluggy", "python3-sh", "python3-tenacity", "python3-toml"]
 DISK_TOOLS = ["kmod", "fdisk", "gdisk", "dosfstools", "e2fsprogs", "util-linux", "mtools"]
 QEMU = ["qemu-system-x86", "qemu-utils", "zstd"]
+# What real image scripts call besides the disk tools (tests/test_scripts.py).
+IMAGE_TOOLS = ["parted", "kpartx", "dmsetup", "lvm2", "cryptsetup-bin", "mdadm",
+               "squashfs-tools", "xorriso", "grub-pc-bin", "grub2-common", "udev"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,11 @@ RECIPES: dict[str, Recipe] = {
     # (their mkfs, and the modules that come with it, enter the helper image).
     "bookworm-xfs-btrfs": Recipe(tuple(["linux-image-amd64", "busybox", *HSHELPER_DEPS,
                                         *DISK_TOOLS, *QEMU, "xfsprogs", "btrfs-progs"])),
+    # The bookworm build root plus the tools image scripts call (tests/scripts/): parted,
+    # kpartx, LVM, cryptsetup, mdadm, squashfs, xorriso, GRUB for BIOS, udev's udevadm.
+    # busybox stays installed: its applets must not shadow the GNU tools.
+    "bookworm-imagetools": Recipe(tuple(["linux-image-amd64", "busybox", *HSHELPER_DEPS,
+                                         *DISK_TOOLS, *QEMU, *IMAGE_TOOLS])),
 }
 
 
