@@ -31,6 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MODE = "user.virtfs.mode"
+# The msize of every 9p mount (the working directory's, the build root's). QEMU reports
+# a file's st_blksize as the largest read that fits in one message: msize less the
+# 24-byte header, rounded down to 4 KiB. 256 KiB + 4 KiB makes that exactly 256 KiB;
+# with msize=256 KiB it was 258048, and programs that align their I/O to st_blksize
+# (cryptsetup reading a LUKS header from an image file) failed with EIO.
+MSIZE = 256 * 1024 + 4096
 
 
 def supported(directory: Path) -> bool:

@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from hshelper import guestabi
+from hshelper import guestabi, mapped9p
 from hshelper.errors import HshelperError
 from hshelper.guestrun import fstab, quote, write_and_mount
 from hshelper.hookspecs import hookimpl
@@ -79,7 +79,7 @@ def setup_code(mode: str) -> str:
         # cache=loose: the build root does not change under a run, and every program
         # start looks its path up.
         ("hshroot", guestabi.ROOT_DIR, "9p",
-         "trans=virtio,version=9p2000.L,msize=262144,cache=loose,ro"),
+         f"trans=virtio,version=9p2000.L,msize={mapped9p.MSIZE},cache=loose,ro"),
         ("hshrw", "/hshelper/rw", "tmpfs", "mode=0755"),
     ])
     # The image has /proc, /sys, /dev, /tmp and /run, so they exist in the overlay.
