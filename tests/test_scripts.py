@@ -257,6 +257,21 @@ def test_parted_kpartx_tar_chroot_image(tools, label, tmp_path):
     assert imagecheck.ext_exists(rootpart, "/usr/lib/x86_64-linux-gnu/libc.so.6")
 
 
+def test_a_failing_image_script_cleans_up_in_its_trap(tools):
+    # The tarball is missing: tar fails after partitioning, mapping and mounting, and
+    # the script's EXIT trap must unmount, unmap and detach as on a real system.
+    work, host = workdir(tools, "parted-trap")
+    proc = helper_run(tools, work, "sh", "-c",
+                      "./mkimage-parted.sh gpt missing.tar disk.img; status=$?; "
+                      "echo left: $(dmsetup ls | grep -v 'No devices found') "
+                      "$(losetup -a) $(grep -c ' /tmp/tmp' /proc/self/mounts); "
+                      "exit $status")
+    assert proc.returncode == 2, output(proc)  # tar's status, through set -e
+    assert b"missing.tar: Cannot open" in proc.stderr
+    assert proc.stdout.decode().splitlines()[-1] == "left: 0", output(proc)
+    assert b"busy" not in proc.stderr.lower(), output(proc)
+
+
 def test_grub_install_on_a_loop_device_boots_with_seabios(tools, tmp_path):
     work, host = workdir(tools, "grub")
     run_script(tools, work, "./grub-bios.sh", "bios.img")
