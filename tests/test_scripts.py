@@ -34,7 +34,8 @@ ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 LINUX_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 # Programs of the build root that make up the small root tree the image scripts unpack
 # and chroot into (with their own libraries, found by hshelper's ELF closure).
-CHROOT_PROGRAMS = ("/usr/bin/dash", "/usr/bin/ls", "/usr/bin/uname", "/usr/bin/cat")
+CHROOT_PROGRAMS = ("/usr/bin/dash", "/usr/bin/ls", "/usr/bin/uname", "/usr/bin/cat",
+                   "/usr/bin/ln")
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +250,7 @@ def test_parted_kpartx_tar_chroot_image(tools, label, tmp_path):
     info = imagecheck.ext_cat(rootpart, "/etc/image-info").split()
     assert info == ["arch=x86_64", "dev=ok", "proc=ext4", "sys=ok"]
     assert imagecheck.ext_cat(rootpart, "/etc/programs").split() == [
-        "cat", "dash", "ls", "sh", "uname"]
+        "cat", "dash", "ln", "ls", "sh", "uname"]
     assert imagecheck.ext_cat(rootpart, "/etc/hostname") == "imagehost\n"
     # tar ran as root: the tarball's owners, not the build user.
     dash = debugfs_stat(rootpart, "/usr/bin/dash")
@@ -457,6 +458,23 @@ def test_tar_numeric_owner_into_the_working_directory_then_mkfs_d(tools):
         "666 0:0 character special file 1:3 rootfs/dev/null",
         "4711 0:0 regular file 0:0 rootfs/usr/bin/passwd",
         "700 1000:1000 directory 0:0 rootfs/home/user"]
+
+
+def test_chroot_into_a_tree_in_the_working_directory(tools):
+    # The root tree is unpacked on the 9p share itself (./chroot), its programs run from
+    # there with its own libraries, /dev, /proc and /sys mounted in, then it is packed.
+    work, host = workdir(tools, "chroot-workdir")
+    own(chroot_tarball(tools, host / "root.tar"))
+    proc = run_script(tools, work, "./chroot-workdir.sh", "root.tar", "chroot.img")
+    assert b"inside: x86_64\n" in proc.stdout
+    image = host / "chroot.img"
+    check_fs(image, "ext4")
+    assert imagecheck.ext_cat(image, "/var/lib/chroot-ok") == "ok\n"
+    ash = debugfs_stat(image, "/usr/bin/ash")
+    assert (ash["type"], ash["user"], ash["group"]) == ("symlink", "0", "0")
+    dash = debugfs_stat(image, "/usr/bin/dash")
+    assert (dash["mode"], dash["user"], dash["group"]) == ("0755", "0", "0")
+    assert os.readlink(host / "chroot/usr/bin/ash") == "/usr/bin/dash"
 
 
 def test_gnu_options_where_busybox_is_installed_too(tools):
