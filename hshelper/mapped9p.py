@@ -11,9 +11,13 @@ The price on the host: QEMU creates files with one fixed mode, keeps later ``chm
 in the xattrs only, and stores a symlink as a regular file holding its target. So after
 each run :func:`settle` walks the share and makes the host's view ordinary again: each
 file and directory the guest created or changed gets the permission bits the guest
-gave it, each symlink becomes a real symlink. Owners stay the build user's on the host
-(the guest still sees its own owners, from the xattrs); device nodes, FIFOs and sockets
-stay empty files with their xattrs (only root could make real ones).
+gave it (:func:`host_mode`: without setuid and setgid, which on the host would make
+the build user's files run as the build user for anyone, and always readable and
+writable by their owner, so a later run, whose QEMU opens them as the build user, and
+the build user's own cleanup still can), each symlink becomes a real symlink. Owners
+stay the build user's on the host (the guest still sees its own owners, from the
+xattrs, in this run and later ones); device nodes, FIFOs and sockets stay empty files
+with their xattrs (only root could make real ones).
 """
 
 from __future__ import annotations
@@ -27,6 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MODE = "user.virtfs.mode"
+# The msize of every 9p mount (the working directory's, the build root's). QEMU reports
+# a file's st_blksize as the largest read that fits in one message: msize less the
+# 24-byte header, rounded down to 4 KiB. 256 KiB + 4 KiB makes that exactly 256 KiB;
+# with msize=256 KiB it was 258048, and programs that align their I/O to st_blksize
+# (cryptsetup reading a LUKS header from an image file) failed with EIO.
+MSIZE = 256 * 1024 + 4096
 
 
 def supported(directory: Path) -> bool:
@@ -50,6 +60,14 @@ def supported(directory: Path) -> bool:
 def mode_of(value: bytes) -> int:
     """QEMU's user.virtfs.mode value: a little-endian mode_t."""
     return int.from_bytes(value[:4], "little")
+
+
+def host_mode(mode: int) -> int:
+    """The permission bits the host gets for a file or directory the guest gave ``mode``
+    (a full st_mode): the guest's, less setuid and setgid, plus read and write (and, for
+    a directory, search) for the owner."""
+    owner = 0o700 if stat.S_ISDIR(mode) else 0o600
+    return (stat.S_IMODE(mode) & ~(stat.S_ISUID | stat.S_ISGID)) | owner
 
 
 @dataclass
@@ -77,8 +95,8 @@ def _settle_one(path: str, st: os.stat_result, result: Settled) -> None:
         os.replace(tmp, path)
         result.symlinks += 1
     elif kind in (stat.S_IFREG, stat.S_IFDIR) and stat.S_IMODE(st.st_mode) != \
-            stat.S_IMODE(mode):
-        os.chmod(path, stat.S_IMODE(mode))
+            host_mode(mode):
+        os.chmod(path, host_mode(mode))
         result.modes += 1
 
 

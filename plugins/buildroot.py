@@ -8,6 +8,8 @@ with a tmpfs on top for whatever the command writes outside its shares, and /pro
 /sys, /dev, /tmp and /run of its own. busybox's applets sit last on PATH, standing in
 only for programs the build root lacks.
 
+The guest gets the build host's hostname, as the command would see it run directly.
+
 ``run.mode`` (``--mode``):
 
 - ``image`` (default): the image over the build root, as above;
@@ -24,7 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-from hshelper import guestabi
+from hshelper import guestabi, mapped9p
 from hshelper.errors import HshelperError
 from hshelper.guestrun import fstab, quote, write_and_mount
 from hshelper.hookspecs import hookimpl
@@ -79,7 +81,7 @@ def setup_code(mode: str) -> str:
         # cache=loose: the build root does not change under a run, and every program
         # start looks its path up.
         ("hshroot", guestabi.ROOT_DIR, "9p",
-         "trans=virtio,version=9p2000.L,msize=262144,cache=loose,ro"),
+         f"trans=virtio,version=9p2000.L,msize={mapped9p.MSIZE},cache=loose,ro"),
         ("hshrw", "/hshelper/rw", "tmpfs", "mode=0755"),
     ])
     # The image has /proc, /sys, /dev, /tmp and /run, so they exist in the overlay.
@@ -102,8 +104,16 @@ def setup_code(mode: str) -> str:
     ])
 
 
+def hostname_code(name: str) -> str:
+    """The guest's hostname: the one the command would see run directly (the kernel's
+    default, "(none)", ends up in what tools record: mdadm's homehost, LVM's
+    creation_host)."""
+    return f"echo {quote(name)} >/proc/sys/kernel/hostname"
+
+
 @hookimpl
 def hshelper_guest_setup(spec):
-    if spec.mode == "isolated":
-        return []
-    return [("buildroot", setup_code(spec.mode))]
+    steps = [("hostname", hostname_code(os.uname().nodename))]
+    if spec.mode != "isolated":
+        steps.append(("buildroot", setup_code(spec.mode)))
+    return steps

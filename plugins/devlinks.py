@@ -1,12 +1,16 @@
-"""What udev would do, in a guest that has none: /dev/disk/by-* links, and tools that
-would wait for udev told not to.
+"""What udev would do, in a guest that has none: /dev/disk/by-* links, udev's device
+database, and tools that would wait for udev told not to.
 
 - /dev/disk/by-uuid, by-label, by-partuuid and by-partlabel links for every block
-  device, remade when a device appears or a program that wrote to it (mkfs) is done
-  (hshelper/guest/devlinks, a watcher started before the command);
-- ``udevadm settle`` / ``trigger``: the build root's own udevadm where installed (it
-  returns at once without a udev daemon); otherwise a stand-in that brings the links
-  up to date before it returns;
+  device, and its entry in udev's database under the command's /run (what lsblk and
+  ``udevadm info`` read properties from), remade when a device appears or a program
+  that wrote to it (mkfs) is done (hshelper/guest/devlinks, a watcher started before
+  the command);
+- ``udevadm settle`` / ``trigger`` bring the links and the database up to date before
+  they return. The build root's own udevadm would return at once ("Running in chroot,
+  ignoring request"), so where it is installed hshelper's stand-in is bind-mounted over
+  it for the run, and passes every other subcommand (info, ...) to the real one;
+  where none is installed, the stand-in is last on PATH, like the applets;
 - ``DM_DISABLE_UDEV=1`` in the command's environment: libdevmapper (dmsetup, kpartx,
   LVM, cryptsetup) makes its device nodes itself instead of waiting for udev.
 
@@ -17,41 +21,67 @@ from __future__ import annotations
 
 from importlib import resources
 
+from hshelper.guestrun import quote
 from hshelper.hookspecs import hookimpl
 from hshelper.model import Contents, File, Program
 
-UDEVADM = """#!/bin/sh
-# hshelper's stand-in for udevadm: the build root has none, and the guest has no udev.
+STAND_IN = "/hshelper/bb/udevadm"
+REAL = "/hshelper/udevadm.real"  # the build root's udevadm, bound here for a run
+UDEVADM = f"""#!/bin/sh
+# hshelper's udevadm: the guest has no udev daemon (hshelper/guest/devlinks does its work).
 case $1 in
 settle | trigger) exec /bin/sh /hshelper/devlinks settle ;;
-*) exit 0 ;;
 esac
+# Anything else: the build root's own udevadm, when it is installed.
+[ -s {REAL} ] && exec {REAL} "$@"
+exit 0
 """
 
 
 @hookimpl
-def hshelper_image_contents(sysroot):
+def hshelper_image_contents():
     script = resources.files("hshelper.guest").joinpath("devlinks").read_bytes()
-    files = [File("/hshelper/devlinks", data=script, mode=0o755)]
-    if not sysroot.which("udevadm"):
-        # Last on the command's PATH, like the applets: only where nothing else is.
-        files.append(File("/hshelper/bb/udevadm", data=UDEVADM.encode(), mode=0o755))
-    return Contents(files=tuple(files),
+    return Contents(files=(File("/hshelper/devlinks", data=script, mode=0o755),
+                           File(STAND_IN, data=UDEVADM.encode(), mode=0o755),
+                           File(REAL, data=b"", mode=0o755)),  # a mount point
                     programs=(Program("blkid", applet=False), Program("readlink"),
-                              Program("sed"), Program("rm"), Program("mkfifo")))
+                              Program("rm"), Program("mkfifo")))
+
+
+def setup_code() -> str:
+    """Shell for the init: the watcher, and the stand-in over the build root's udevadm
+    (the first one on the command's PATH) when the command runs in the build root."""
+    fstab = "/hshelper/run/fstab.udevadm"
+    return "\n".join([
+        'hsh_guest_env="$hsh_guest_env DM_DISABLE_UDEV=1"',
+        "mkdir -p /dev/disk",
+        "hsh_udevadm=",
+        'if [ -n "$hsh_newroot" ]; then',
+        "    hsh_ifs=$IFS; IFS=:",
+        "    for hsh_d in $HSH_PATH; do",
+        f"        [ \"$hsh_d\" != {quote(STAND_IN.rsplit('/', 1)[0])} ] &&"
+        ' [ -x "$hsh_newroot$hsh_d/udevadm" ] || continue',
+        '        hsh_udevadm=$hsh_d/udevadm',
+        "        break",
+        "    done",
+        "    IFS=$hsh_ifs",
+        "fi",
+        'if [ -n "$hsh_udevadm" ]; then',
+        # Bind mounts: the build root stays untouched, and each is one fstab line.
+        f"    printf '%s none bind 0 0\\n' \"$hsh_newroot$hsh_udevadm $hsh_newroot{REAL}\""
+        f" \"$hsh_newroot{STAND_IN} $hsh_newroot$hsh_udevadm\" >{fstab}",
+        f"    $hsh_mount -a -T {fstab}",
+        "fi",
+        # The watcher runs beside the command, detached from its channels; busybox's
+        # shell where there is one (its read builtin can wait, so an idle watcher
+        # starts nothing).
+        "if command -v busybox >/dev/null 2>&1; then hsh_dl_sh='busybox sh'; "
+        "else hsh_dl_sh=/bin/sh; fi",
+        '$hsh_dl_sh /hshelper/devlinks watch "$hsh_newroot/run" </dev/null >/dev/null 2>&1 '
+        "3>&- &",
+    ])
 
 
 @hookimpl
 def hshelper_guest_setup():
-    # The watcher runs beside the command, detached from its channels; busybox's shell
-    # where there is one (its read builtin can wait, so an idle watcher starts nothing).
-    # The braces move stderr off the command's port before the fork: a virtio port
-    # opens once at a time, and a child that had not yet redirected its inherited copy
-    # made the command's own open of that port fail (EBUSY).
-    return [("devlinks", "\n".join([
-        'hsh_guest_env="$hsh_guest_env DM_DISABLE_UDEV=1"',
-        "mkdir -p /dev/disk",
-        "if command -v busybox >/dev/null 2>&1; then hsh_dl_sh='busybox sh'; "
-        "else hsh_dl_sh=/bin/sh; fi",
-        "{ $hsh_dl_sh /hshelper/devlinks watch </dev/null >/dev/null 3>&- & } 2>/dev/null",
-    ]))]
+    return [("devlinks", setup_code())]

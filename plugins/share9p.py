@@ -158,7 +158,7 @@ def hshelper_guest_setup(spec):
         return []
     entries = []
     for share in shares:
-        opts = "trans=virtio,version=9p2000.L,msize=262144,cache=mmap"
+        opts = f"trans=virtio,version=9p2000.L,msize={mapped9p.MSIZE},cache=mmap"
         if share.readonly:
             opts += ",ro"
         entries.append((share.tag, share.guest, "9p", opts))

@@ -34,6 +34,9 @@ QEMU = ["qemu-system-x86", "qemu-utils", "zstd"]
 # What a foreign build root needs for hshelper's guest (unpacked, not installed).
 FOREIGN = ["dash", "coreutils", "util-linux", "mount", "fdisk", "e2fsprogs", "dosfstools",
            "kmod", "zstd", "libc-bin"]
+# What real image scripts call besides the disk tools (tests/test_scripts.py).
+IMAGE_TOOLS = ["parted", "kpartx", "dmsetup", "lvm2", "cryptsetup-bin", "mdadm",
+               "squashfs-tools", "xorriso", "grub-pc-bin", "grub2-common", "udev"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,11 @@ RECIPES: dict[str, Recipe] = {
     # Debian 13 has riscv64 as a release architecture (its packages are usr-merged).
     "riscv64": Recipe(tuple(["linux-image-riscv64", "busybox", *FOREIGN]),
                       extra={"arch": "riscv64", "suite": "trixie", "usrmerge": True}),
+    # The bookworm build root plus the tools image scripts call (tests/scripts/): parted,
+    # kpartx, LVM, cryptsetup, mdadm, squashfs, xorriso, GRUB for BIOS, udev's udevadm.
+    # busybox stays installed: its applets must not shadow the GNU tools.
+    "bookworm-imagetools": Recipe(tuple(["linux-image-amd64", "busybox", *HSHELPER_DEPS,
+                                         *DISK_TOOLS, *QEMU, *IMAGE_TOOLS])),
 }
 
 
