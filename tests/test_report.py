@@ -47,6 +47,15 @@ def test_build_report_hashes_what_is_on_disk(tmp_path):
     json.dumps(data)  # all of it serialisable
 
 
+def test_a_disk_renamed_when_complete_is_listed_by_its_final_name(tmp_path):
+    """The image recipes attach OUTPUT.part and rename it to OUTPUT at the end; a
+    failed one removes OUTPUT.part."""
+    (tmp_path / "disk.img").write_bytes(b"img")
+    disks = (Disk(tmp_path / "disk.img.part", "out"), Disk(tmp_path / "gone.img.part", "g"),
+             Disk(tmp_path / "gone.img", "h"))
+    assert [a.path.name for a in report.disk_artifacts(disks)] == ["disk.img"]
+
+
 # ------------------------------------------------------------------ real runs
 
 
