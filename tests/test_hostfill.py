@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import time
 import uuid
 from pathlib import Path
 
@@ -331,3 +332,31 @@ def test_reproducible_host_fill_gives_the_same_bytes(root, tmp_path):
                               env={**os.environ, "TZ": "UTC0"}).stdout
     assert "has_journal" not in features  # the recipe adds it after its own writes
     assert "Filesystem created:       Tue Nov 14 22:13:20 2023" in features
+
+
+@pytest.mark.slow
+def test_reproducible_fill_from_a_directory(root, tmp_path):
+    """A directory ROOT (mke2fs -d as it is, then dated by debugfs): two copies made
+    at different times give the same filesystem; a modification time later than the
+    epoch is clamped to it."""
+    images = []
+    for name in ("hostfill-dir-a", "hostfill-dir-b"):
+        guest = chroot.fresh_dir(root, name)
+        host = root / guest.lstrip("/")
+        tree = host / "tree"
+        (tree / "etc").mkdir(parents=True)
+        (tree / "etc/hostname").write_text("dir\n")
+        (tree / "future").write_text("later than the epoch\n")
+        for path, when in ((tree / "etc/hostname", 1_600_000_000), (tree / "etc", 1_600_000_000),
+                           (tree / "future", 1_800_000_000), (tree, 1_600_000_000)):
+            os.utime(path, (when, when))
+        subprocess.run(["chown", "-R", f"{chroot.BUILD_UID}:{chroot.BUILD_UID}", str(host)],
+                       check=True)
+        out = host_fill_in_root(root, guest, "tree", "fill.img", epoch=1700000000)
+        assert "times by debugfs" in out
+        images.append(host / "fill.img")
+        time.sleep(1.1)
+    assert images[0].read_bytes() == images[1].read_bytes(), imagediff.explain(*images)
+    stat = imagecheck.run(["debugfs", "-R", "stat /future", str(images[0])]).stdout
+    assert "mtime: 0x6553f100:00000000" in stat and "ctime: 0x6553f100:00000000" in stat
+    assert imagecheck.fsck(images[0], "ext4").returncode == 0

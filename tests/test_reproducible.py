@@ -247,8 +247,11 @@ def test_copies_report_and_a_changed_input_and_plain_images(root, tmp_path):
     assert disk["path"] == "disk.img"  # attached as disk.img.part, renamed when complete
     assert disk["sha256"] == (base / "disk.img.sha256").read_text().split()[0]
 
-    seed = build(root, "repro-in-seed", *job, "--seed", "another", f"{src}/one.tar",
-                 "disk.img", env=env)
+    # The seed from the configuration (the recipes' --seed is the same setting).
+    seed = build(root, "repro-in-seed", "--set", "mkimage.seed=another", "--report",
+                 "report.json", *job, f"{src}/one.tar", "disk.img", env=env)
+    assert json.loads((seed / "report.json").read_text())["reproducible"]["seed_from"] == \
+        "config"
     text = imagediff.explain(base / "disk.img", seed / "disk.img", limit=1000)
     assert "GPT primary header (LBA 1)" in text and "disk GUID" in text, text
     assert "FAT: boot sector" in text and "volume id" in text, text
