@@ -48,7 +48,7 @@ from pathlib import Path
 
 from hshelper.plugins.disks import parse_size
 
-from hshelper import ext4fill, reproducible
+from hshelper import ext4fill, recipes, reproducible
 from hshelper.config import Key
 from hshelper.errors import HshelperError
 from hshelper.guestrun import quote
@@ -314,7 +314,7 @@ class Fill:
     error: BaseException | None = None
     started: float = 0.0
     seconds: float = 0.0
-    stop: threading.Event | None = None
+    stop: object | None = None  # the run's stop request (see _stop_vm)
 
     def run(self) -> None:
         self.started = time.monotonic()
@@ -328,7 +328,7 @@ class Fill:
         if self.marker:
             self.flag("err" if self.error else "ok").touch()
 
-    def watch(self, stop: threading.Event) -> None:
+    def watch(self, stop) -> None:
         """Stop the VM through ``stop`` (the run's) as soon as the fill has failed."""
         self.stop = stop
         if self.error:
@@ -336,8 +336,14 @@ class Fill:
 
     def _stop_vm(self) -> None:
         # The guest would only wait for a root that will not come: end the run now.
-        if self.stop is not None:
-            self.stop.status = 1  # type: ignore[attr-defined]
+        # The stop is a threading.Event carrying the status, or (the VM side after its
+        # move into hshelper/qemu) a StopRequest with request(status).
+        if self.stop is None:
+            return
+        if hasattr(self.stop, "request"):
+            self.stop.request(1)
+        else:
+            self.stop.status = 1
             self.stop.set()
 
     @property
@@ -421,12 +427,26 @@ def _out_disk(spec, job: Job, cwd: Path) -> tuple[Disk | None, int | None]:
 
 
 def _recipe_of(spec) -> str | None:
-    """The shipped recipe a run runs: by name (--recipe), or by path (a copy of it)."""
+    """The shipped recipe a run runs: by name (--recipe), or by path (a copy of it:
+    the same name and the same header line, not any script called mkimage.sh)."""
     name = spec.extra.get("recipe")
     if name is None and spec.argv:
         base = os.path.basename(spec.argv[0])
         name = base[:-3] if base.endswith(".sh") else None
+        if name not in RECIPES or _header(Path(spec.cwd, spec.argv[0])) != _header(
+                recipes.directory() / base):
+            return None
     return name if name in RECIPES else None
+
+
+def _header(path: Path) -> str | None:
+    """The second line of a script (a recipe's summary comment)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            fh.readline()
+            return fh.readline()
+    except OSError:
+        return None
 
 
 def _insert(argv: list[str], job: Job, words: list[str]) -> list[str]:

@@ -267,6 +267,7 @@ case $root_digest in
 '' | $h4$h4$h4$h4$h4$h4$h4$h4$h4$h4$h4$h4$h4$h4$h4$h4) ;;
 *) usage_error "--root-sha256: 64 hex digits, not $root_digest" ;;
 esac
+[ -z "$root_digest" ] || root_digest=$(echo "$root_digest" | tr A-F a-f)  # as sha256sum
 
 # ---------------------------------------------------------------- the disk
 [ -n "$device" ] || usage_error "no disk to build on: attach one (--disk FILE,size=SIZE,name=out) or give --device"

@@ -360,3 +360,21 @@ def test_reproducible_fill_from_a_directory(root, tmp_path):
     stat = imagecheck.run(["debugfs", "-R", "stat /future", str(images[0])]).stdout
     assert "mtime: 0x6553f100:00000000" in stat and "ctime: 0x6553f100:00000000" in stat
     assert imagecheck.fsck(images[0], "ext4").returncode == 0
+
+
+def test_the_shipped_recipes_are_known_by_name_or_by_path_not_by_file_name(tmp_path):
+    """The .part cleanup after a stopped VM is for the shipped recipes: by --recipe, or
+    a copy of one run by path; not any script that happens to be called mkimage.sh."""
+    from hshelper.model import RunSpec
+    (tmp_path / "recipes").mkdir()
+    shutil.copy(chroot.SRC / "recipes/mkimage-mbr.sh", tmp_path / "recipes")
+    (tmp_path / "mkimage.sh").write_text("#!/bin/sh\n# my own image script\n")
+
+    def recipe(argv, **extra):
+        return mkimage._recipe_of(RunSpec(argv=argv, cwd=str(tmp_path), env=(), extra=extra))
+
+    assert recipe(("recipes/mkimage-mbr.sh", "r", "o")) == "mkimage-mbr"
+    assert recipe(("./mkimage.sh", "r", "o")) is None
+    assert recipe(("/hshelper/recipes/mkimage-loop.sh",), recipe="mkimage-loop") == \
+        "mkimage-loop"
+    assert recipe(("true",)) is None

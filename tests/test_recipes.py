@@ -161,11 +161,19 @@ def test_gpt_systemd_boot_image_boots_with_uefi(root, target_tar, tmp_path):
 def test_bad_root_fails_cleanly(root, tmp_path):
     guest, host = workdir(root, "mkimage-bad")
     proc = helper_run(root, "--disk", "disk.img.part,size=64M,name=out",
-                      "recipes/mkimage.sh", "no-such-root.tar", "disk.img", cwd=guest)
+                      "recipes/mkimage.sh", "--esp-size", "20MiB", "no-such-root.tar",
+                      "disk.img", cwd=guest)
     assert proc.returncode == 1
     err = proc.stderr.decode().strip().splitlines()
     assert "no-such-root.tar does not exist" in err[0]
     assert leftovers(host) == []  # neither disk.img nor disk.img.part
+    # The default 256 MiB ESP leaves a 64 MiB disk no root: refused before the disk.
+    proc = helper_run(root, "--disk", "disk.img.part,size=64M,name=out",
+                      "recipes/mkimage.sh", "no-such-root.tar", "disk.img", cwd=guest)
+    assert proc.returncode == 2
+    assert "leaves no room for the root (at least 8 MiB) after the 256MiB ESP" in \
+        proc.stderr.decode().splitlines()[0]
+    assert leftovers(host) == []
 
 
 @pytest.mark.slow
@@ -190,13 +198,15 @@ def test_failure_after_partitioning_removes_the_part_file(root):
     assert "has no /etc: not a root filesystem" in err and "no image was written" in err
     assert leftovers(host) == ["notes.txt", "notroot.tar"]
     proc = helper_run(root, "--disk", "disk.img.part,size=64M,name=out",
-                      "recipes/mkimage.sh", "notes.txt", "disk.img", cwd=guest)
+                      "recipes/mkimage.sh", "--esp-size", "20MiB", "notes.txt", "disk.img",
+                      cwd=guest)
     assert proc.returncode == 1
     assert "neither a directory nor a tar archive" in proc.stderr.decode().splitlines()[0]
     assert leftovers(host) == ["notes.txt", "notroot.tar"]
     # xfsprogs is not installed in this build root: said in one line, before any work.
     proc = helper_run(root, "--disk", "disk.img.part,size=64M,name=out",
-                      "recipes/mkimage.sh", "--fs", "xfs", "notroot.tar", "disk.img", cwd=guest)
+                      "recipes/mkimage.sh", "--esp-size", "20MiB", "--fs", "xfs", "notroot.tar",
+                      "disk.img", cwd=guest)
     assert proc.returncode == 1
     assert "mkfs.xfs is not in the helper image (install xfsprogs" in \
         proc.stderr.decode().splitlines()[0]
