@@ -216,8 +216,9 @@ def small_tarball(path: Path, hostname: bytes = b"one\n") -> Path:
 @pytest.mark.slow
 @pytest.mark.vm
 def test_copies_report_and_a_changed_input_and_plain_images(root, tmp_path):
-    """A small job twice with a qcow2 copy and checksums: the same bytes, the report
-    records the seed, SOURCE_DATE_EPOCH and ROOT's digest. Against it: another seed
+    """A small job twice with a qcow2 copy and checksums, with the host fill and with
+    the guest's: the same bytes; the report records the seed, SOURCE_DATE_EPOCH and
+    ROOT's digest. Against the first: another seed
     changes the identifiers (GPT, FAT volume id, ext4 UUID) and not the files; one
     changed file in the tarball changes that file's block and, through the tarball's
     digest, the identifiers. Without a seed or SOURCE_DATE_EPOCH two runs of one job
@@ -246,6 +247,11 @@ def test_copies_report_and_a_changed_input_and_plain_images(root, tmp_path):
     [disk] = [x for x in report["artifacts"] if x["kind"] == "disk"]
     assert disk["path"] == "disk.img"  # attached as disk.img.part, renamed when complete
     assert disk["sha256"] == (base / "disk.img.sha256").read_text().split()[0]
+    # The same through the guest fill (its own image: mke2fs -d ran on another tree).
+    guest = [build(root, f"repro-in-guest-{i}", "--guest-fill", *copies, f"{src}/one.tar",
+                   "disk.img", env=env) for i in (1, 2)]
+    for name in ("disk.img", "disk.qcow2", "disk.img.sha256", "disk.qcow2.sha256"):
+        assert_same(guest[0] / name, guest[1] / name)
 
     # The seed from the configuration (the recipes' --seed is the same setting).
     seed = build(root, "repro-in-seed", "--set", "mkimage.seed=another", "--report",
