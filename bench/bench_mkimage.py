@@ -22,6 +22,10 @@ libraries: about 100 MB in 5300 entries), given as a plain tarball.
   --inputs   also the root filled in the VM (--guest-fill: the tarball attached as a
              read-only disk, the fastest way in), and the recipe run by path with ROOT
              as the tarball over 9p and as a directory over 9p
+  --reproducible  also the job with SOURCE_DATE_EPOCH set: a reproducible image
+  --against CHECKOUT  also hshelper's job with another checkout of hshelper (a git
+             worktree of the base of a change, say), installed into the build root before
+             each of its rounds, with a cache of its own: this checkout / that one
 
 Target (issue 5): hshelper <= vm floor + 2 x floor, and >= 5x faster than guestfish.
 Rounds alternate the candidates; medians are reported. The machines here are noisy and
@@ -91,17 +95,18 @@ def make_inputs(root: Path, target: Path) -> Path:
     return host
 
 
-def hshelper_job(root: Path, host: Path, variant: str) -> Callable[[], None]:
-    by_name = ["--recipe", "mkimage", "--size", "1G", *OPTIONS, "tree.tar", "out.img"]
-    by_path = ["--disk", "out.img.part,size=1G,name=out", "recipes/mkimage.sh", *OPTIONS]
+def hshelper_job(root: Path, host: Path, variant: str, out: str = "out.img",
+                 env: dict[str, str] | None = None) -> Callable[[], None]:
+    by_name = ["--recipe", "mkimage", "--size", "1G", *OPTIONS, "tree.tar", out]
+    by_path = ["--disk", f"{out}.part,size=1G,name=out", "recipes/mkimage.sh", *OPTIONS]
     argv = {"host-fill": by_name, "guest-fill": ["--guest-fill", *by_name],
-            "9p-tar": [*by_path, "tree.tar", "out.img"],
-            "9p-dir": [*by_path, "tree", "out.img"]}[variant]
+            "9p-tar": [*by_path, "tree.tar", out],
+            "9p-dir": [*by_path, "tree", out]}[variant]
 
     def run() -> None:
-        (host / "out.img").unlink(missing_ok=True)
-        proc = chroot.run(root, ["helper-run", "-q", *argv], cwd=WORK, timeout=1800)
-        if proc.returncode != 0 or not (host / "out.img").exists():
+        (host / out).unlink(missing_ok=True)
+        proc = chroot.run(root, ["helper-run", "-q", *argv], cwd=WORK, timeout=1800, env=env)
+        if proc.returncode != 0 or not (host / out).exists():
             raise SystemExit(f"bench: helper-run failed ({variant}): {proc.stderr.decode()}")
     return run
 
@@ -186,15 +191,30 @@ def main() -> int:
     parser.add_argument("--inputs", action="store_true",
                         help="also time ROOT over 9p (tarball, directory)")
     parser.add_argument("--no-guestfish", action="store_true")
+    parser.add_argument("--reproducible", action="store_true",
+                        help="also time the job with SOURCE_DATE_EPOCH set")
+    parser.add_argument("--against", type=Path, metavar="CHECKOUT",
+                        help="also time hshelper's job with this other checkout")
     args = parser.parse_args()
     root = buildroots.ensure_root("bookworm")
     chroot.install(root)
     host = make_inputs(root, buildroots.ensure_root("target-bookworm"))
     jobs: dict[str, Callable[[], None]] = {}
+    # Run before a job's rounds, untimed: which checkout is installed.
+    before: dict[str, Callable[[], None]] = {}
     with tempfile.TemporaryDirectory(prefix="hshelper-bench-") as tmp_name, \
             chroot.proc_mounted(root), chroot.shm_mounted(root):
         tmp = Path(tmp_name)
         jobs["hshelper"] = hshelper_job(root, host, "host-fill")
+        if args.against:
+            # Its own helper image cache: the cache is keyed by hshelper's code too.
+            jobs["hshelper against"] = hshelper_job(
+                root, host, "host-fill", "out-against.img",
+                {"XDG_CACHE_HOME": f"{chroot.HOME}/.cache-against"})
+            before["hshelper against"] = lambda: chroot.install(root, args.against)
+        if args.reproducible:
+            jobs["hshelper reproducible"] = hshelper_job(
+                root, host, "host-fill", "out-repro.img", {"SOURCE_DATE_EPOCH": "1700000000"})
         if args.inputs:
             for variant in ("guest-fill", "9p-tar", "9p-dir"):
                 jobs[f"hshelper {variant}"] = hshelper_job(root, host, variant)
@@ -204,13 +224,22 @@ def main() -> int:
                                                             tmp / "gf.img")
         if gf:
             jobs["guestfish"] = gf
-        jobs["hshelper"]()  # warm the helper image cache: a cold build is bench.py's
+        if args.against:
+            for name in jobs:
+                if name.startswith("hshelper") and name != "hshelper against":
+                    before[name] = lambda: chroot.install(root)
+        for name in [n for n in jobs if n.startswith("hshelper")]:
+            before.get(name, lambda: None)()
+            jobs[name]()  # warm the helper image caches: a cold build is bench.py's
         times: dict[str, list[float]] = {name: [] for name in jobs}
         for _ in range(args.rounds):
             for name, job in jobs.items():
+                before.get(name, lambda: None)()
                 times[name].append(timed(job))
-                print(f"  {name:16} {times[name][-1]:7.2f} s", file=sys.stderr, flush=True)
-        for image in (host / "out.img", tmp / "floor.img", tmp / "gf.img"):
+                print(f"  {name:22} {times[name][-1]:7.2f} s", file=sys.stderr, flush=True)
+        chroot.install(root)
+        for image in (host / "out.img", host / "out-against.img", host / "out-repro.img",
+                      tmp / "floor.img", tmp / "gf.img"):
             if image.exists():
                 check_image(image, tmp)
     med = {name: statistics.median(values) for name, values in times.items()}
@@ -218,7 +247,7 @@ def main() -> int:
           f"{(host / 'tree.tar').stat().st_size / 1e6:.0f} MB tarball; medians of "
           f"{args.rounds} rounds (TCG)")
     for name, value in med.items():
-        print(f"  {name:16} {value:7.2f} s")
+        print(f"  {name:22} {value:7.2f} s")
     budget = med["vm floor"] + 2 * med["floor"]
     print(f"hshelper = {med['hshelper'] / med['floor']:.1f}x the floor; "
           f"{med['hshelper'] - med['vm floor']:.2f} s above the VM floor; "
@@ -235,6 +264,14 @@ def main() -> int:
     if "hshelper guest-fill" in med:
         print(f"hshelper guest-fill / hshelper (host fill) = "
               f"{med['hshelper guest-fill'] / med['hshelper']:.2f}x")
+    if "hshelper against" in med:
+        ratios = [a / b for a, b in zip(times["hshelper"], times["hshelper against"])]
+        print(f"hshelper (this checkout) / hshelper ({args.against}) = "
+              f"{med['hshelper'] / med['hshelper against']:.2f}x (per round: "
+              f"{', '.join(f'{r:.2f}' for r in ratios)})")
+    if "hshelper reproducible" in med:
+        print(f"hshelper reproducible / hshelper = "
+              f"{med['hshelper reproducible'] / med['hshelper']:.2f}x")
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import tarfile
 import tempfile
@@ -35,7 +36,12 @@ class Unsupported(Exception):
 
 @dataclass(frozen=True)
 class Ext4:
-    """Where and how to make the filesystem."""
+    """Where and how to make the filesystem.
+
+    ``epoch`` makes it reproducible: e2fsprogs' times are the epoch, the directory hash
+    seed is ``hash_seed``, the inode tables are written now (not by the kernel's lazy
+    init at the first mount), and there is no journal yet: the recipe adds a fresh one
+    after the kernel's writes, whose journal would depend on their timing."""
 
     image: Path
     offset: int  # bytes
@@ -43,6 +49,13 @@ class Ext4:
     label: str
     uuid: str
     features: tuple[str, ...] = ()  # mke2fs -O words, e.g. "^64bit"
+    hash_seed: str = ""
+    epoch: int | None = None
+
+    def env(self) -> dict[str, str] | None:
+        if self.epoch is None:
+            return None
+        return {**os.environ, "E2FSPROGS_FAKE_TIME": str(self.epoch)}
 
 
 def find_tool(name: str) -> str | None:
@@ -66,30 +79,42 @@ def source_kind(path: Path) -> str | None:
     return "tar" if head[257:262] == b"ustar" else None
 
 
-def _run(argv: list[str], what: str) -> subprocess.CompletedProcess[str]:
+def _run(argv: list[str], what: str,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     program = find_tool(argv[0])
     if program is None:
         raise HshelperError(f"{argv[0]} not found", hint="install e2fsprogs in the build "
                             "root")
-    proc = subprocess.run([program, *argv[1:]], capture_output=True, text=True)
+    proc = subprocess.run([program, *argv[1:]], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise HshelperError(f"{what} failed: {argv[0]}: {proc.stderr.strip()}", status=1)
+        # One line: the reason ends the run (mke2fs says it in a few).
+        said = "; ".join(line.strip() for line in proc.stderr.splitlines() if line.strip())
+        raise HshelperError(f"{what} failed: {argv[0]}: {said}", status=1)
     return proc
 
 
-def mke2fs(fs: Ext4, tree: Path) -> None:
+def mke2fs_argv(fs: Ext4, tree: Path) -> list[str]:
+    extended = f"offset={fs.offset}"
+    features = list(fs.features)
+    if fs.epoch is not None:
+        extended += f",hash_seed={fs.hash_seed},lazy_itable_init=0"
+        features.insert(0, "^has_journal")
     argv = ["mke2fs", "-q", "-F", "-t", "ext4", "-L", fs.label, "-U", fs.uuid,
-            "-E", f"offset={fs.offset}", "-d", str(tree)]
-    if fs.features:
-        argv += ["-O", ",".join(fs.features)]
-    _run([*argv, str(fs.image), f"{fs.size // 1024}k"], "making the root filesystem")
+            "-E", extended, "-d", str(tree)]
+    if features:
+        argv += ["-O", ",".join(features)]
+    return [*argv, str(fs.image), f"{fs.size // 1024}k"]
+
+
+def mke2fs(fs: Ext4, tree: Path) -> None:
+    _run(mke2fs_argv(fs, tree), "making the root filesystem", fs.env())
 
 
 def debugfs(fs: Ext4, script: Path) -> None:
     # debugfs reports a failed command on stderr and still exits 0: anything there
     # but its version banner is a failure.
     proc = _run(["debugfs", "-w", "-f", str(script), f"{fs.image}?offset={fs.offset}"],
-                "writing owners and modes")
+                "writing owners and modes", fs.env())
     errors = [line for line in proc.stderr.splitlines()
               if line.strip() and not line.startswith("debugfs ")]
     if errors:
@@ -128,23 +153,81 @@ def _entries(tf: tarfile.TarFile, state: tarfs.Tree):
         yield info, entry, state.entries.get(entry.path) if entry.path else None
 
 
-def scan(path: Path, kind: str) -> int:
+@dataclass(frozen=True)
+class Usage:
+    """What a root tree asks of a filesystem, as far as its listing tells."""
+
+    sizes: tuple[int, ...]  # of its regular files, each inode once
+    dirs: int
+    entries: int
+
+
+def scan(path: Path, kind: str, check: bool = True) -> Usage:
     """Read the tarball's headers only and check every member (see :func:`unpack`),
-    so that a fill started later cannot meet an :class:`Unsupported` member halfway.
-    Returns the number of members."""
+    so that a fill started later cannot meet an :class:`Unsupported` member halfway
+    (``check=False``: only read). Returns what the tree needs."""
     state = tarfs.Tree(time.time())
     tf, proc = _open_tar(path, kind)
     count = 0
     try:
         with tf:
-            for _info, entry, _earlier in _entries(tf, state):
+            members = _entries(tf, state) if check else (
+                (info, tarfs.entry_of(info), None) for info in tf)
+            for _info, entry, _earlier in members:
                 state.add(entry)
                 count += 1
+    except tarfs.UnsafeMember as err:
+        raise Unsupported(str(err)) from None
     except (tarfile.TarError, EOFError, OSError) as err:
         raise HshelperError(f"cannot read {path}: {err}", status=1) from None
     finally:
         _close(proc, path)
-    return count
+    entries = state.entries.values()
+    return Usage(tuple(e.size for e in entries if e.kind == "file"),
+                 sum(e.kind == "dir" for e in entries), count)
+
+
+def dir_usage(top: Path) -> Usage:
+    """:class:`Usage` of a directory tree, as the build user sees it."""
+    sizes: dict[tuple[int, int], int] = {}
+    dirs = entries = 0
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirs += 1
+        entries += len(dirnames) + len(filenames)
+        for name in filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                sizes[(st.st_dev, st.st_ino)] = st.st_size
+    return Usage(tuple(sizes.values()), dirs, entries)
+
+
+def journal_blocks(blocks: int) -> int:
+    """The journal mke2fs makes for a filesystem of ``blocks`` blocks (its defaults)."""
+    for limit, size in ((32768, 1024), (256 << 10, 4096), (512 << 10, 8192),
+                        (4096 << 10, 16384), (8192 << 10, 32768), (16384 << 10, 65536),
+                        (32768 << 10, 131072)):
+        if blocks < limit:
+            return size
+    return 262144
+
+
+def room_problem(usage: Usage, size: int) -> str | None:
+    """Why ``usage`` cannot fit an ext4 filesystem of ``size`` bytes made with mke2fs's
+    defaults, or None. A lower bound of what mke2fs needs: the files' and directories'
+    blocks, the inode tables and the journal (not the bitmaps, descriptors, extent
+    blocks or directory growth), so that only what surely cannot fit is refused."""
+    small = size < 512 << 20  # mke2fs.conf's "small": 1 KiB blocks, an inode per 4 KiB
+    block, ratio = (1024, 4096) if small else (4096, 16384)
+    data = sum(-(-n // block) for n in usage.sizes) * block + usage.dirs * block
+    need = data + size // ratio * 256 + journal_blocks(size // block) * block
+    if need <= size:
+        return None
+    mib = 1 << 20
+    return (f"the root tree ({data // mib} MiB in {usage.entries} entries) needs at least "
+            f"{-(-need // mib)} MiB of ext4, more than the {size // mib} MiB root partition")
 
 
 def _close(proc: subprocess.Popen | None, path: Path) -> None:
@@ -154,27 +237,29 @@ def _close(proc: subprocess.Popen | None, path: Path) -> None:
             raise HshelperError(f"zstd could not decompress {path}", status=1)
 
 
-def unpack(path: Path, kind: str, tree: Path,
-           values: Path) -> tuple[tarfs.Tree, dict[tuple[str, str], str]]:
+def unpack(path: Path, kind: str, tree: Path, values: Path,
+           epoch: int | None = None) -> tuple[tarfs.Tree, dict[tuple[str, str], str]]:
     """Unpack the tarball's files, directories, symlinks and hard links into ``tree``.
 
     Everything is made readable and writable by the build user (mke2fs must read it, and
     the real modes come later); device nodes and FIFOs are only recorded. xattr values
     go to files in ``values``. Raises :class:`Unsupported` for what the host path
     cannot represent. Returns the entries and the value file of each (path, xattr).
+    ``epoch``: a reproducible image's (see :class:`tarfs.Tree`).
     """
-    state = tarfs.Tree(time.time())
+    state = tarfs.Tree(time.time(), epoch)
     files: dict[tuple[str, str], str] = {}
     tf, proc = _open_tar(path, kind)
     try:
         with tf:
-            for info, entry, earlier in _entries(tf, state):
+            for info, read, earlier in _entries(tf, state):
+                entry = state.clamped(read)
                 for parent in state.add(entry):
                     (tree / parent).mkdir(mode=0o700)
                 dest = tree / entry.path
                 if earlier and not (earlier.kind == entry.kind == "dir"):
                     _remove(dest)  # a later member replaces an earlier one
-                _make(tf, info, entry, tree, dest)
+                _make(tf, info, entry, tree, dest, state.times(entry))
                 for name, value in entry.xattrs:
                     files[(entry.path, name)] = str(values / str(len(files)))
                     Path(files[(entry.path, name)]).write_bytes(value)
@@ -186,7 +271,7 @@ def unpack(path: Path, kind: str, tree: Path,
 
 
 def _make(tf: tarfile.TarFile, info: tarfile.TarInfo, entry: tarfs.Entry, tree: Path,
-          dest: Path) -> None:
+          dest: Path, times: tuple[float, float]) -> None:
     if entry.kind == "dir":
         dest.mkdir(mode=0o700, exist_ok=True)
     elif entry.kind == "file":
@@ -199,7 +284,7 @@ def _make(tf: tarfile.TarFile, info: tarfile.TarInfo, entry: tarfs.Entry, tree: 
                 while view:
                     view = view[os.write(fd, view):]
             os.fchmod(fd, tarfs.host_mode(entry))
-            os.utime(fd, (entry.mtime, entry.mtime))
+            os.utime(fd, times)
         finally:
             os.close(fd)
         return
@@ -210,7 +295,7 @@ def _make(tf: tarfile.TarFile, info: tarfile.TarInfo, entry: tarfs.Entry, tree: 
         return  # the target's times are the inode's
     else:
         return  # device nodes and FIFOs: debugfs makes them
-    os.utime(dest, (entry.mtime, entry.mtime), follow_symlinks=False)
+    os.utime(dest, times, follow_symlinks=False)
 
 
 def _finish_dirs(state: tarfs.Tree, tree: Path) -> None:
@@ -221,7 +306,7 @@ def _finish_dirs(state: tarfs.Tree, tree: Path) -> None:
         entry = state.entries[path]
         where = tree / path if path else tree
         os.chmod(where, tarfs.host_mode(entry))
-        os.utime(where, (entry.mtime, entry.mtime))
+        os.utime(where, state.times(entry))
 
 
 def scratch_dir(need: int, fallback: Path) -> Path:
@@ -240,6 +325,27 @@ def scratch_dir(need: int, fallback: Path) -> Path:
     return fallback
 
 
+def dir_stamp_script(top: Path, epoch: int) -> str:
+    """debugfs commands that date what mke2fs -d copied from the directory ``top`` for a
+    reproducible image: change and access times the epoch, modification times clamped
+    to it."""
+    lines = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        rel = os.path.relpath(dirpath, top)
+        for name in ([""] if rel == "." else []) + dirnames + filenames:
+            path = os.path.normpath(os.path.join(rel, name)) if name else ""
+            path = "" if path == "." else path
+            if any(c in path for c in "\n\r"):
+                raise HshelperError(f"{top}: {path!r} has a newline in its name, which a "
+                                    "reproducible image cannot be stamped for", status=1)
+            quoted = tarfs.debugfs_path(path)
+            lines += [f"sif {quoted} ctime @{epoch}", f"sif {quoted} atime @{epoch}"]
+            mtime = os.lstat(os.path.join(top, path) if path else top).st_mtime
+            if mtime > epoch:
+                lines.append(f"sif {quoted} mtime @{epoch}")
+    return "\n".join(lines) + "\n"
+
+
 def fill(source: Path, fs: Ext4, scratch: Path, kind: str | None = None) -> str:
     """Make ``fs`` in its image from ``source`` (a directory or a tarball).
 
@@ -255,7 +361,14 @@ def fill(source: Path, fs: Ext4, scratch: Path, kind: str | None = None) -> str:
     if kind == "dir":
         # A directory is taken as the build user sees it, like cp -a over the share.
         mke2fs(fs, source)
-        return f"mke2fs -d {source}"
+        if fs.epoch is None:
+            return f"mke2fs -d {source}"
+        with tempfile.NamedTemporaryFile("w", prefix=".hshelper-stamp-", dir=scratch,
+                                         errors="surrogateescape") as script:
+            script.write(dir_stamp_script(source, fs.epoch))
+            script.flush()
+            debugfs(fs, Path(script.name))
+        return f"mke2fs -d {source}, times by debugfs"
     # A compressed tarball is guessed to unpack to four times its size.
     need = source.stat().st_size * (1 if kind == "tar" else 4)
     where = scratch_dir(need, scratch)
@@ -264,12 +377,12 @@ def fill(source: Path, fs: Ext4, scratch: Path, kind: str | None = None) -> str:
         tree, values = work / "tree", work / "values"
         tree.mkdir(mode=0o700)
         values.mkdir()
-        state, files = unpack(source, kind, tree, values)
+        state, files = unpack(source, kind, tree, values, fs.epoch)
         _finish_dirs(state, tree)
         state.finish()
         script = work / "debugfs.cmds"
         script.write_text(tarfs.debugfs_script(state.entries.values(), files,
-                                                (os.getuid(), os.getgid())),
+                                                (os.getuid(), os.getgid()), fs.epoch),
                           errors="surrogateescape")
         mke2fs(fs, tree)
         debugfs(fs, script)

@@ -39,14 +39,16 @@ def sha256_file(path: Path) -> str:
 
 
 def disk_artifacts(disks: tuple[Disk, ...]) -> list[Artifact]:
-    """The disks the command could write (a read-only disk is an input, not a result),
-    as they are after the run. A recipe's OUTPUT.part that became OUTPUT is reported
-    as OUTPUT; a disk that is gone (removed after a failure) is not reported."""
+    """The disks the command could write: a read-only disk is an input, not a result.
+
+    A disk attached as ``FILE.part`` that the command renamed to ``FILE`` when it was
+    complete (the image recipes do) is listed as ``FILE``; one that is gone (a failed
+    recipe removes its ``.part``) is not listed."""
     found = []
     for disk in disks:
+        path = disk.path
         if disk.readonly:
             continue
-        path = Path(disk.path)
         if not path.exists() and path.name.endswith(".part"):
             path = path.with_name(path.name[:-len(".part")])
         if path.exists():
@@ -90,6 +92,22 @@ def unique(artifacts: list[Artifact]) -> list[Artifact]:
     return out
 
 
+def reproducibility(spec: RunSpec) -> dict | None:
+    """What a verifier needs to rebuild a reproducible image: the seed its identifiers
+    came from (and where from), ``SOURCE_DATE_EPOCH``, the epoch its times are, and the
+    sha256 of ROOT. None when the run had neither a seed nor SOURCE_DATE_EPOCH."""
+    env = dict(spec.env)
+    sde = env.get("SOURCE_DATE_EPOCH")
+    seed = spec.extra.get("repro_seed")
+    if seed is None and not sde:
+        return None
+    epoch = spec.extra.get("repro_epoch")
+    return {"seed": seed, "seed_from": spec.extra.get("repro_seed_from"),
+            "source_date_epoch": int(sde) if sde and sde.isdigit() else sde,
+            "epoch": int(epoch) if epoch else None,
+            "root_sha256": spec.extra.get("repro_root_sha256") or None}
+
+
 def iso(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
@@ -123,6 +141,7 @@ def build_report(spec: RunSpec, result: RunResult, image: ImageResult | None, cw
                    if image else None),
         "memory_mb": spec.memory_mb,
         "cpus": spec.cpus,
+        "reproducible": reproducibility(spec),
         "artifacts": [describe(a, cwd) for a in unique(artifacts)],
         "missing_artifacts": missing,
     }

@@ -11,6 +11,7 @@ FIFOs and xattrs. What such a script cannot say exactly is reported by
 
 from __future__ import annotations
 
+import dataclasses
 import stat
 import tarfile
 from collections.abc import Iterable
@@ -43,6 +44,7 @@ class Entry:
     minor: int = 0
     xattrs: tuple[tuple[str, bytes], ...] = ()
     acl: bool = False  # POSIX ACLs recorded (not representable here)
+    size: int = 0  # a regular file's bytes
 
 
 def normalize(name: str) -> str:
@@ -86,7 +88,8 @@ def entry_of(info: tarfile.TarInfo) -> Entry:
     elif kind == "hardlink":
         target = normalize(info.linkname)
     return Entry(normalize(info.name), kind, info.mode & 0o7777, info.uid, info.gid,
-                 float(info.mtime), target, info.devmajor, info.devminor, xattrs, acl)
+                 float(info.mtime), target, info.devmajor, info.devminor, xattrs, acl,
+                 info.size if kind == "file" else 0)
 
 
 def unsupported(entry: Entry, seen: dict[str, Entry]) -> str | None:
@@ -118,12 +121,26 @@ class Tree:
     """The entries of a tarball as they are read, member after member.
 
     A later member of the same path replaces the earlier one, as with tar. Parents that
-    no member names are directories as GNU tar makes them for root: 0755, root-owned.
+    no member names are directories as GNU tar makes them for root: 0755, root-owned,
+    dated now. With ``epoch`` (a reproducible image) "now" is the epoch, and every
+    modification time later than it is clamped to it.
     """
 
-    def __init__(self, now: float) -> None:
-        self.now = now
-        self.entries: dict[str, Entry] = {"": Entry("", "dir", 0o755, 0, 0, now)}
+    def __init__(self, now: float, epoch: int | None = None) -> None:
+        self.now = now if epoch is None else epoch
+        self.epoch = epoch
+        self.entries: dict[str, Entry] = {"": Entry("", "dir", 0o755, 0, 0, self.now)}
+
+    def clamped(self, entry: Entry) -> Entry:
+        """``entry`` with its modification time clamped to the epoch, if there is one."""
+        if self.epoch is None or entry.mtime <= self.epoch:
+            return entry
+        return dataclasses.replace(entry, mtime=float(self.epoch))
+
+    def times(self, entry: Entry) -> tuple[float, float]:
+        """(access, modification) times the unpacked copy gets (mke2fs -d copies them):
+        the access time is the epoch of a reproducible image."""
+        return (entry.mtime if self.epoch is None else self.epoch, entry.mtime)
 
     def finish(self) -> None:
         """Entries the filesystem has whatever the tarball says: mkfs's lost+found,
@@ -165,14 +182,16 @@ def host_mode(entry: Entry) -> int:
 
 
 def debugfs_script(entries: Iterable[Entry], value_file: dict[tuple[str, str], str],
-                   owner: tuple[int, int]) -> str:
+                   owner: tuple[int, int], epoch: int | None = None) -> str:
     """debugfs commands that give the filesystem the entries' metadata.
 
     ``entries`` are the final ones (one per path; hard links are skipped, their target
     carries the inode's metadata). Device nodes and FIFOs are made here; everything
     else is already in the filesystem, owned by ``owner`` (uid, gid) with the
     :func:`host_mode` bits, so only what differs is written. ``value_file`` names the
-    file holding each ``(path, xattr name)``'s value, written by the caller.
+    file holding each ``(path, xattr name)``'s value, written by the caller. With
+    ``epoch`` (a reproducible image) every inode's change time becomes the epoch
+    (mke2fs -d copies the unpacked copy's, the time of unpacking).
     """
     by_dir: dict[str, list[Entry]] = {}
     for e in entries:
@@ -194,6 +213,8 @@ def debugfs_script(entries: Iterable[Entry], value_file: dict[tuple[str, str], s
                 lines.append(f"sif {name} uid {e.uid}")
             if root or e.gid != owner[1]:
                 lines.append(f"sif {name} gid {e.gid}")
+            if epoch is not None:
+                lines.append(f"sif {name} ctime @{epoch}")
             if root or e.kind in SPECIAL or (e.kind != "symlink"
                                              and e.mode != host_mode(e)):
                 lines.append(f"sif {name} mode 0{TYPE_BITS[e.kind] | e.mode:o}")

@@ -1,8 +1,11 @@
 """``--report FILE.json``: a machine-readable account of one run for release pipelines.
 
 The report holds the exit status (and whether the run was skipped), wall-clock and
-per-stage timings, the accelerator and why, the kernel, and every artifact with its size
-and sha256: each writable ``--disk`` plus the files named by ``--artifact GLOB``
+per-stage timings, the accelerator and why, the kernel, what a reproducible image was
+made from (seed, SOURCE_DATE_EPOCH, ROOT's sha256: ``reproducible``, null without a seed
+or SOURCE_DATE_EPOCH), and every artifact with its size
+and sha256: each writable ``--disk`` (by its final name when a recipe renamed
+``FILE.part`` to ``FILE``) plus the files named by ``--artifact GLOB``
 (repeatable, relative to the working directory). It is written after every run that
 reached the VM stage, also when the command failed; a declared artifact that matches no
 file fails an otherwise successful run (exit 125) after the report is written.

@@ -24,7 +24,11 @@ Build the image in a file through a loop device, as root in the hshelper VM:
 The image is written to OUTPUT.part (a sparse file), attached with losetup -fP, built
 by mkimage.sh --device /dev/loopN, detached, and renamed to OUTPUT only when every step
 succeeded; a failure removes OUTPUT.part. All other options are mkimage.sh's (--table,
---fs, --bootloader, --append, --qcow2, --sha256, ...): see mkimage.sh --help.
+--fs, --bootloader, --append, --qcow2, --sha256, --seed, ...): see mkimage.sh --help.
+
+Reproducible images: set SOURCE_DATE_EPOCH (or give --seed SEED) and the same inputs
+give the same image, byte for byte; without either every image gets fresh random
+identifiers (mkimage.sh --help says what is derived and how).
 HELP
 }
 

@@ -23,7 +23,11 @@ and syslinux's MBR code in the first sector (legacy BIOS). The kernel finds the 
 by PARTUUID (DISKID-01); /etc/fstab names it by UUID.
 
 Every option of mkimage.sh applies (--fs, --kernel, --append, --console, --qcow2,
---sha256, --device, --bootloader extlinux|none); see mkimage.sh --help.
+--sha256, --device, --bootloader extlinux|none, --seed); see mkimage.sh --help.
+
+Reproducible images: set SOURCE_DATE_EPOCH (or give --seed SEED) and the same inputs
+give the same image, byte for byte; without either every image gets fresh random
+identifiers (mkimage.sh --help says what is derived and how).
 HELP
     exit 0
     ;;

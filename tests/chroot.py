@@ -26,23 +26,25 @@ sys.exit({func}())
 """
 
 
-def stage(tmp: Path) -> None:
+def stage(tmp: Path, src: Path = SRC) -> None:
     """The package as installed (plugins/ becomes hshelper/plugins, recipes/
-    hshelper/recipes) in the directory ``tmp``, readable by everyone."""
+    hshelper/recipes) in the directory ``tmp``, readable by everyone; from this checkout
+    or the one at ``src`` (the bench compares two)."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(SRC / "hshelper", tmp / "hshelper", ignore=ignore, symlinks=False)
-    shutil.copytree(SRC / "plugins", tmp / "hshelper/plugins", ignore=ignore)
-    shutil.copytree(SRC / "recipes", tmp / "hshelper/recipes", ignore=ignore)
+    shutil.copytree(src / "hshelper", tmp / "hshelper", ignore=ignore, symlinks=False)
+    shutil.copytree(src / "plugins", tmp / "hshelper/plugins", ignore=ignore)
+    shutil.copytree(src / "recipes", tmp / "hshelper/recipes", ignore=ignore)
     tmp.chmod(0o755)
 
 
-def install(root: Path) -> None:
-    """Copy this checkout's hshelper into ``root`` (/opt/hshelper + wrappers)."""
+def install(root: Path, src: Path = SRC) -> None:
+    """Copy this checkout's hshelper (or the one at ``src``) into ``root``
+    (/opt/hshelper + wrappers)."""
     target = root / "opt/hshelper"
     # A private temporary name: test runs in parallel may install into the same root.
     (root / "opt").mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".hshelper.", dir=root / "opt"))
-    stage(tmp)
+    stage(tmp, src)
     # Byte-compiled as a package install is: the build user cannot write __pycache__
     # there, and compiling hshelper's sources again in every run costs 0.15 s.
     subprocess.run(["chroot", str(root), "python3", "-m", "compileall", "-q", "-d",

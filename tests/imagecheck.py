@@ -114,10 +114,13 @@ def fat_ls(part: Path, path: str) -> list[str]:
                   if line.strip())
 
 
-def target_tarball(source_root: Path, dest: Path) -> Path:
-    """The target root as a plain tarball (numeric owners), with the marker init."""
+def target_tarball(source_root: Path, dest: Path, exclude: tuple[str, ...] = ()) -> Path:
+    """The target root as a plain tarball (numeric owners), with the marker init;
+    ``exclude``: more tar --exclude patterns (./usr/share: what the marker boot needs
+    not)."""
     tmp = dest.with_name(dest.name + ".tmp")
     run(["tar", "--numeric-owner", "--xattrs", "--exclude=./.hshelper-root-done",
+         *(f"--exclude={pattern}" for pattern in exclude),
          "-C", str(source_root), "-cf", str(tmp), "."], check=True)
     with tempfile.TemporaryDirectory() as extra:
         marker = Path(extra) / MARKER_PATH

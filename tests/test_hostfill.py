@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import tarfile
+import time
 import uuid
 from pathlib import Path
 
@@ -19,7 +21,8 @@ import imagecheck
 import pytest
 from hshelper.plugins import mkimage
 
-from hshelper import tarfs
+from hshelper import ext4fill, imagediff, reproducible, tarfs
+from hshelper.errors import HshelperError
 
 CAPABILITY = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_raw+ep
 
@@ -81,13 +84,18 @@ def reference_fs(tarball: Path, image: Path, mnt: Path) -> None:
                         "-xf", str(tarball), "-C", str(mnt)], check=True)
 
 
-def host_fill_in_root(root: Path, guest_dir: str, tarball: str, image: str) -> str:
-    """ext4fill.fill run by the build user inside the build root; its stdout."""
+def host_fill_in_root(root: Path, guest_dir: str, tarball: str, image: str,
+                      epoch: int | None = None) -> str:
+    """ext4fill.fill run by the build user inside the build root; its stdout. With
+    ``epoch``, a reproducible filesystem (fixed UUID and hash seed)."""
+    ids = (f"'11111111-2222-4333-8444-555555555555', (), "
+           f"'11111111-2222-4333-8444-666666666666', {epoch}" if epoch is not None
+           else "str(uuid.uuid4())")
     code = ("import sys, uuid; sys.path.insert(0, '/opt/hshelper')\n"
             "from pathlib import Path\nfrom hshelper import ext4fill\n"
             f"img = Path({image!r})\n"
             "with open(img, 'wb') as fh: fh.truncate(64 << 20)\n"
-            "fs = ext4fill.Ext4(img, 0, 64 << 20, 'root', str(uuid.uuid4()))\n"
+            f"fs = ext4fill.Ext4(img, 0, 64 << 20, 'root', {ids})\n"
             f"print(ext4fill.fill(Path({tarball!r}), fs, img.parent))\n")
     proc = chroot.run(root, ["python3", "-c", code], cwd=guest_dir)
     assert proc.returncode == 0, proc.stderr.decode()
@@ -145,7 +153,26 @@ def test_debugfs_script_writes_only_what_differs():
     assert not any("ping6" in line for line in script)
 
 
-def test_parse_job_and_partition_scripts():
+def test_debugfs_script_of_a_reproducible_fill_dates_every_inode():
+    entries = [tarfs.Entry("", "dir", 0o755, 0, 0, 0.0),
+               tarfs.Entry("etc/motd", "file", 0o644, 65534, 65534, 9.0),
+               tarfs.Entry("dev/null", "chr", 0o666, 0, 0, 5.0, "", 1, 3),
+               tarfs.Entry("etc/motd2", "hardlink", 0, 0, 0, 0.0, "etc/motd")]
+    script = tarfs.debugfs_script(entries, {}, (65534, 65534), epoch=1000).splitlines()
+    assert [line for line in script if "ctime" in line] == [
+        "sif / ctime @1000", 'sif "null" ctime @1000', 'sif "motd" ctime @1000']
+    assert not any("ctime" in line for line in tarfs.debugfs_script(
+        entries, {}, (65534, 65534)).splitlines())
+    tree = tarfs.Tree(now=5e9, epoch=1000)
+    assert tree.entries[""].mtime == 1000  # an implicit directory: made "now"
+    late = tree.clamped(tarfs.Entry("a", "file", 0o644, 0, 0, 2000.0))
+    early = tree.clamped(tarfs.Entry("b", "file", 0o644, 0, 0, 500.0))
+    assert (late.mtime, early.mtime) == (1000, 500)
+    assert tree.times(early) == (1000, 500)  # access time: the epoch
+    assert tarfs.Tree(now=7.0).times(early) == (500, 500)
+
+
+def test_parse_and_check_jobs():
     job = mkimage.parse_job("mkimage", ["--esp-size", "100MiB", "--sha256", "root.tar",
                                         "disk.img"])
     assert (job.root, job.output, job.table, job.root_index) == ("root.tar", "disk.img",
@@ -153,16 +180,89 @@ def test_parse_job_and_partition_scripts():
     assert mkimage.parse_job("mkimage", ["--help"]) is None
     assert mkimage.parse_job("mkimage", ["--frobnicate", "r", "o"]) is None
     assert mkimage.parse_job("mkimage", ["root.tar"]) is None
+    loop = mkimage.parse_job("mkimage-loop", ["--size", "1G", "--seed", "x", "r", "o"])
+    assert loop.get("--seed") == "x" and loop.table == "gpt"
+    for argv, words in ((["--fs", "ext5"], "--fs must be"), (["--table", "apm"], "--table"),
+                        (["--bootloader", "lilo"], "--bootloader"),
+                        (["--table", "mbr", "--bootloader", "grub"], "needs --table gpt"),
+                        (["--esp-size", "lots"], "--esp-size"),
+                        (["--size", "12 apples"], "bad size"),
+                        (["--root-uuid", "x"], "--root-uuid"),
+                        (["--table", "mbr", "--root-partuuid", "1234-01"], "DISKID-01"),
+                        (["--esp-id", "xyz"], "--esp-id"),
+                        (["--root-sha256", "abc"], "--root-sha256")):
+        with pytest.raises(HshelperError) as err:
+            mkimage.check_job(mkimage.parse_job("mkimage", [*argv, "r", "o"]))
+        assert err.value.status == 2 and words in str(err.value), (argv, str(err.value))
+    mkimage.check_job(mkimage.parse_job("mkimage-mbr", ["--root-partuuid", "0badcafe-01",
+                                                        "--esp-id", "0BADCAFE", "r", "o"]))
+    assert [mkimage.esp_bytes(t) for t in ("256MiB", "100M", "1G", "2048", "1MB", "x")] == \
+        [256 << 20, 100 << 20, 1 << 30, 2048 * 512, 10**6, None]
+
+
+def test_room_for_the_root_is_checked_up_front():
+    gpt = mkimage.parse_job("mkimage", ["--bootloader", "none", "r", "o"])
+    with pytest.raises(HshelperError) as err:  # issue 13: the default ESP fills 256M
+        mkimage.check_room(gpt, 256 << 20)
+    assert err.value.status == 2 and "no room for the root" in str(err.value)
+    mkimage.check_room(gpt, 300 << 20)
+    mbr = mkimage.parse_job("mkimage-mbr", ["r", "o"])
+    mkimage.check_room(mbr, 16 << 20)
+    # A lower bound of what ext4 needs: 48 MiB of file cannot fit 42 MiB.
+    big = ext4fill.Usage((48 << 20,), 2, 3)
+    assert ext4fill.room_problem(big, 42 << 20) == (
+        "the root tree (48 MiB in 3 entries) needs at least 55 MiB of ext4, more than the "
+        "42 MiB root partition")
+    assert ext4fill.room_problem(ext4fill.Usage((30 << 20,), 2, 3), 42 << 20) is None
+    # Many empty files need inodes, not blocks: left to mke2fs (its message is shown).
+    assert ext4fill.room_problem(ext4fill.Usage((0,) * 20000, 1, 20001), 42 << 20) is None
+    assert ext4fill.journal_blocks(262144) == 8192 and ext4fill.journal_blocks(20480) == 1024
+
+
+def test_identifiers_given_derived_or_new():
+    job = mkimage.parse_job("mkimage", ["--root-uuid", "5b5c0d3e-0000-4000-8000-000000000001",
+                                        "--esp-id", "0badcafe", "r", "o"])
+    ids = mkimage.identifiers(job)
+    assert ids.root_uuid == "5b5c0d3e-0000-4000-8000-000000000001" and ids.esp_id == "0BADCAFE"
+    assert uuid.UUID(ids.disk) and ids.disk != mkimage.identifiers(job).disk  # new each time
+    repro = reproducible.Settings("seed", 1700000000, "--seed")
+    derived = reproducible.identifiers("seed", "ab" * 32, "gpt")
+    again = mkimage.identifiers(job, repro, "ab" * 32)
+    assert (again.disk, again.root_partuuid, again.hash_seed) == (
+        derived.disk, derived.root_partuuid, derived.hash_seed)
+    assert again.root_uuid == ids.root_uuid  # what the command line gives wins
     mbr = mkimage.parse_job("mkimage-mbr", ["--root-partuuid", "0badcafe-01", "r", "o"])
-    assert mbr.table == "mbr" and mbr.extlinux
-    uuid_, partuuid, esp_id = mkimage.identifiers(mbr)
-    assert partuuid == "0badcafe-01" and uuid.UUID(uuid_) and len(esp_id) == 8
-    assert "label-id: 0x0badcafe\ntype=83, bootable\n" in mkimage.sfdisk_script(
-        "mbr", "", partuuid)
+    assert mkimage.identifiers(mbr, repro, "").disk == "0badcafe"
+
+
+@pytest.mark.skipif(not shutil.which("sfdisk", path="/usr/sbin:/sbin"),
+                    reason="sfdisk not installed (scripts/setup installs fdisk)")
+def test_partition_scripts_make_the_tables_they_promise(tmp_path):
+    """The host's sfdisk input, fed to sfdisk: the table read back has the identifiers,
+    types, names and flags the recipe gives (the boot tests use the same tables)."""
+    ids = reproducible.identifiers("seed", "", "gpt")
+    image = tmp_path / "gpt.img"
+    subprocess.run(["truncate", "-s", "300M", str(image)], check=True)
+    subprocess.run(["/usr/sbin/sfdisk", "-q", str(image)], check=True, text=True,
+                   input=mkimage.sfdisk_script("gpt", "100MiB", ids))
+    lay = imagecheck.layout(image)
+    assert (lay.label, lay.label_id.lower()) == ("gpt", ids.disk)
+    esp, rootp = lay.partitions
+    assert (esp.type, esp.uuid.lower(), esp.name) == (mkimage.ESP_TYPE, ids.esp_part, "esp")
+    assert esp.size * 512 == 100 << 20
+    assert (rootp.type, rootp.uuid.lower(), rootp.name) == (mkimage.ROOT_TYPE,
+                                                            ids.root_partuuid, "root")
+    image = tmp_path / "mbr.img"
+    subprocess.run(["truncate", "-s", "64M", str(image)], check=True)
+    mbr = reproducible.identifiers("seed", "", "mbr")
+    subprocess.run(["/usr/sbin/sfdisk", "-q", str(image)], check=True, text=True,
+                   input=mkimage.sfdisk_script("mbr", "", mbr))
+    lay = imagecheck.layout(image)
+    assert (lay.label, lay.label_id) == ("dos", f"0x{mbr.disk}")
+    [part] = lay.partitions
+    assert part.type == "83" and part.bootable and part.start == 2048
     assert [mkimage.fat32_cluster_sectors(m << 20) for m in (100, 256, 512, 9000)] == \
         [1, 1, 8, 16]
-    gpt = mkimage.sfdisk_script("gpt", "100MiB", "5b5c0d3e-0000-4000-8000-000000000001")
-    assert "size=100MiB" in gpt and "uuid=5b5c0d3e-0000-4000-8000-000000000001" in gpt
 
 
 # ------------------------------------------------------------------ real tools
@@ -206,3 +306,75 @@ def test_host_fill_refuses_acls_before_writing(root):
     proc = chroot.run(root, ["python3", "-c", code], cwd=guest)
     assert proc.stdout.decode() == "unsupported: acl: POSIX ACLs\n", proc.stderr.decode()
     assert sorted(p.name for p in host.iterdir()) == ["root.tar"]
+
+
+@pytest.mark.slow
+def test_reproducible_host_fill_gives_the_same_bytes(root, tmp_path):
+    """The unprivileged fill twice, from the same tarball, at different times, into
+    different directories (the unpacked copies get other change times, other inode
+    numbers on the host): the same filesystem, byte for byte; fsck clean; every
+    inode dated by the epoch."""
+    images = []
+    for name in ("hostfill-repro-a", "hostfill-repro-b"):
+        guest = chroot.fresh_dir(root, name)
+        host = root / guest.lstrip("/")
+        crafted_tarball(host / "root.tar")
+        out = host_fill_in_root(root, guest, "root.tar", "fill.img", epoch=1700000000)
+        assert "entries of" in out
+        images.append(host / "fill.img")
+    assert images[0].read_bytes() == images[1].read_bytes(), imagediff.explain(*images)
+    assert imagecheck.fsck(images[0], "ext4").returncode == 0
+    stat = imagecheck.run(["debugfs", "-R", "stat /usr/bin/su", str(images[0])]).stdout
+    for field in ("ctime", "atime", "crtime"):
+        assert f"{field}: 0x6553f100:00000000" in stat, stat  # 1700000000
+    assert "mtime: 0x" in stat and "Generation: 0" in stat
+    features = imagecheck.run(["dumpe2fs", "-h", str(images[0])],
+                              env={**os.environ, "TZ": "UTC0"}).stdout
+    assert "has_journal" not in features  # the recipe adds it after its own writes
+    assert "Filesystem created:       Tue Nov 14 22:13:20 2023" in features
+
+
+@pytest.mark.slow
+def test_reproducible_fill_from_a_directory(root, tmp_path):
+    """A directory ROOT (mke2fs -d as it is, then dated by debugfs): two copies made
+    at different times give the same filesystem; a modification time later than the
+    epoch is clamped to it."""
+    images = []
+    for name in ("hostfill-dir-a", "hostfill-dir-b"):
+        guest = chroot.fresh_dir(root, name)
+        host = root / guest.lstrip("/")
+        tree = host / "tree"
+        (tree / "etc").mkdir(parents=True)
+        (tree / "etc/hostname").write_text("dir\n")
+        (tree / "future").write_text("later than the epoch\n")
+        for path, when in ((tree / "etc/hostname", 1_600_000_000), (tree / "etc", 1_600_000_000),
+                           (tree / "future", 1_800_000_000), (tree, 1_600_000_000)):
+            os.utime(path, (when, when))
+        subprocess.run(["chown", "-R", f"{chroot.BUILD_UID}:{chroot.BUILD_UID}", str(host)],
+                       check=True)
+        out = host_fill_in_root(root, guest, "tree", "fill.img", epoch=1700000000)
+        assert "times by debugfs" in out
+        images.append(host / "fill.img")
+        time.sleep(1.1)
+    assert images[0].read_bytes() == images[1].read_bytes(), imagediff.explain(*images)
+    stat = imagecheck.run(["debugfs", "-R", "stat /future", str(images[0])]).stdout
+    assert "mtime: 0x6553f100:00000000" in stat and "ctime: 0x6553f100:00000000" in stat
+    assert imagecheck.fsck(images[0], "ext4").returncode == 0
+
+
+def test_the_shipped_recipes_are_known_by_name_or_by_path_not_by_file_name(tmp_path):
+    """The .part cleanup after a stopped VM is for the shipped recipes: by --recipe, or
+    a copy of one run by path; not any script that happens to be called mkimage.sh."""
+    from hshelper.model import RunSpec
+    (tmp_path / "recipes").mkdir()
+    shutil.copy(chroot.SRC / "recipes/mkimage-mbr.sh", tmp_path / "recipes")
+    (tmp_path / "mkimage.sh").write_text("#!/bin/sh\n# my own image script\n")
+
+    def recipe(argv, **extra):
+        return mkimage._recipe_of(RunSpec(argv=argv, cwd=str(tmp_path), env=(), extra=extra))
+
+    assert recipe(("recipes/mkimage-mbr.sh", "r", "o")) == "mkimage-mbr"
+    assert recipe(("./mkimage.sh", "r", "o")) is None
+    assert recipe(("/hshelper/recipes/mkimage-loop.sh",), recipe="mkimage-loop") == \
+        "mkimage-loop"
+    assert recipe(("true",)) is None

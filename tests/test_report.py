@@ -58,6 +58,15 @@ def test_disk_artifacts_follow_a_recipe_output_and_skip_a_removed_disk(tmp_path)
     assert [(a.path, a.kind) for a in found] == [(tmp_path / "disk.img", "disk")]
 
 
+def test_a_disk_renamed_when_complete_is_listed_by_its_final_name(tmp_path):
+    """The image recipes attach OUTPUT.part and rename it to OUTPUT at the end; a
+    failed one removes OUTPUT.part."""
+    (tmp_path / "disk.img").write_bytes(b"img")
+    disks = (Disk(tmp_path / "disk.img.part", "out"), Disk(tmp_path / "gone.img.part", "g"),
+             Disk(tmp_path / "gone.img", "h"))
+    assert [a.path.name for a in report.disk_artifacts(disks)] == ["disk.img"]
+
+
 # ------------------------------------------------------------------ real runs
 
 
