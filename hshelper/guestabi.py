@@ -23,8 +23,9 @@ PORT_PREFIX = "org.hshelper."
 CONTROL, STDOUT, STDERR, STDIN = "control", "stdout", "stderr", "stdin"
 PORTS = (CONTROL, STDOUT, STDERR, STDIN)
 
-# Lines the guest writes on the control port.
-READY, STARTED, STATUS = "ready", "started", "status"
+# Lines the guest writes on the control port ("error TEXT": the init itself failed,
+# before "status 125").
+READY, STARTED, STATUS, ERROR = "ready", "started", "status", "error"
 # The host's answer to READY: "script SIZE\n" then SIZE bytes.
 SCRIPT = "script"
 

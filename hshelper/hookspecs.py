@@ -152,12 +152,13 @@ def hshelper_choose_accel(spec: RunSpec, qemu: str, config: Config, machine: Mac
 
 @hookspec
 def hshelper_run_spec(spec: RunSpec, config: Config, args: argparse.Namespace,
-                      image: ImageResult) -> RunSpec | None:
+                      image: ImageResult, machine: Machine) -> RunSpec | None:
     """Adjust the run before it starts (add shares or disks, change memory, ...).
 
     ``args`` is the parsed command line, so a plugin reads the options it added in
     ``hshelper_add_arguments``; ``image`` is the helper image (its ``features``: the
-    modules it carries). The ``buildroot`` plugin runs first and settles ``spec.mode``.
+    modules it carries), ``machine`` the guest's architecture row. The ``buildroot``
+    plugin runs first and settles ``spec.mode``.
 
     Called last-registered first, as pluggy calls hooks (a local or third-party plugin
     before the built-in ones; among those, ``recipes`` before ``disks`` before

@@ -173,12 +173,13 @@ def _signal_handlers(stop: StopRequest):
     return old
 
 
-def chain_run_spec(host, spec: RunSpec, config, args, image) -> RunSpec:
+def chain_run_spec(host, spec: RunSpec, config, args, image, machine) -> RunSpec:
     """Let each plugin adjust the spec, seeing the previous result: in pluggy's call
     order (tryfirst ones, then last registered first: ``mkimage`` sees the disks and
     the recipe)."""
     for impl in reversed(host.pm.hook.hshelper_run_spec.get_hookimpls()):
-        kwargs = {"spec": spec, "config": config, "args": args, "image": image}
+        kwargs = {"spec": spec, "config": config, "args": args, "image": image,
+                  "machine": machine}
         changed = impl.function(**{k: kwargs[k] for k in impl.argnames})
         if changed is not None:
             spec = changed
@@ -298,7 +299,7 @@ def main(session, args, config, shell: bool = False) -> int:
         spec = dataclasses.replace(spec, cpus=1 if accel.name == "tcg" else
                                    min(2, os.cpu_count() or 1, machine.max_cpus))
     image = initrd.build_image(host, sysroot, config)
-    spec = chain_run_spec(host, spec, config, args, image)
+    spec = chain_run_spec(host, spec, config, args, image, machine)
     if not any(s.automount and (spec.cwd == s.guest or spec.cwd.startswith(
             s.guest.rstrip("/") + "/")) for s in spec.shares):
         # Not shared (--no-share-cwd, or no share plugin): the guest starts in /.

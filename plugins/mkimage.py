@@ -54,6 +54,7 @@ from hshelper.errors import HshelperError
 from hshelper.guestrun import quote
 from hshelper.hookspecs import hookimpl
 from hshelper.model import Disk
+from hshelper.qemu import machines
 from hshelper.reproducible import Identifiers
 
 # The recipes this plugin knows, with their table; the first two it fills on the host.
@@ -62,7 +63,7 @@ HOST_FILLED = ("mkimage", "mkimage-mbr")
 VALUE_OPTIONS = frozenset({"--device", "--table", "--esp-size", "--fs", "--label",
                            "--bootloader", "--kernel", "--append", "--console", "--qcow2",
                            "--size", "--root-uuid", "--root-partuuid", "--esp-id",
-                           "--seed", "--root-sha256"})
+                           "--seed", "--root-sha256", "--arch"})
 FLAG_OPTIONS = frozenset({"--sha256", "--prefilled"})
 FILESYSTEMS = ("ext4", "xfs", "btrfs")
 BOOTLOADERS = ("auto", "systemd-boot", "grub", "extlinux", "none")
@@ -94,6 +95,16 @@ class Job:
     @property
     def fs(self) -> str:
         return self.get("--fs", "ext4")
+
+    @property
+    def root_type(self) -> str:
+        """The root partition's GPT type for the image's architecture (--arch, which
+        hshelper_run_spec gives the recipe from the machine when the user did not)."""
+        try:
+            machine = machines.lookup(self.get("--arch", "x86_64"))
+        except HshelperError as err:
+            raise HshelperError(f"mkimage: {err}", status=2) from None
+        return machine.gpt_root_type.upper()
 
     @property
     def extlinux(self) -> bool:
@@ -223,12 +234,13 @@ def identifiers(job: Job, repro: reproducible.Settings | None = None,
         disk=partuuid[:8] if job.table == "mbr" else base.disk)
 
 
-def sfdisk_script(table: str, esp_size: str, ids: Identifiers) -> str:
+def sfdisk_script(table: str, esp_size: str, ids: Identifiers,
+                  root_type: str = ROOT_TYPE) -> str:
     """The recipe's partition table as sfdisk input (the same as mkimage.sh writes)."""
     if table == "gpt":
         return (f"label: gpt\nlabel-id: {ids.disk}\n"
                 f'size={esp_size}, type={ESP_TYPE}, uuid={ids.esp_part}, name="esp"\n'
-                f'type={ROOT_TYPE}, uuid={ids.root_partuuid}, name="root"\n')
+                f'type={root_type}, uuid={ids.root_partuuid}, name="root"\n')
     return f"label: dos\nlabel-id: 0x{ids.root_partuuid[:8]}\ntype=83, bootable\n"
 
 
@@ -264,7 +276,7 @@ def _partition(image: Path, job: Job, ids: Identifiers,
     sfdisk = str(tools["sfdisk"])
     proc = subprocess.run([sfdisk, "-q", "--wipe", "always", str(image)], text=True,
                           input=sfdisk_script(job.table, job.get("--esp-size", "256MiB"),
-                                              ids),
+                                              ids, job.root_type),
                           capture_output=True)
     if proc.returncode != 0:
         raise HshelperError(f"mkimage: partitioning {image} failed: {proc.stderr.strip()}",
@@ -457,7 +469,7 @@ def _insert(argv: list[str], job: Job, words: list[str]) -> list[str]:
 
 
 @hookimpl
-def hshelper_run_spec(spec, config, args):
+def hshelper_run_spec(spec, config, args, machine):
     recipe = _recipe_of(spec)
     if recipe is None:
         return None
@@ -483,6 +495,12 @@ def hshelper_run_spec(spec, config, args):
                             f"--fs ext4, not {job.fs}", status=2)
     extra = dict(spec.extra)
     words: list[str] = []
+    if "--arch" not in job.options:
+        # The image is for the build root's architecture, and the host writes its
+        # partition table: both must know it.
+        job = dataclasses.replace(job, options={**job.options, "--arch": machine.arch})
+        words += ["--arch", machine.arch]
+    job.root_type  # noqa: B018 - an unknown --arch is a usage error now, not later
     if repro:
         extra.update(repro_seed=repro.seed, repro_epoch=str(repro.epoch),
                      repro_seed_from=repro.seed_from)

@@ -54,8 +54,13 @@ Options:
   --kernel VERSION     the kernel to boot (default: the one /vmlinuz points to, else
                        the last /boot/vmlinuz-*)
   --append WORDS       extra kernel command-line words (repeatable)
-  --console WORDS      console words of the command line
-                       (default: "console=tty0 console=ttyS0,115200"; "" for none)
+  --console WORDS      console words of the command line (default for x86:
+                       "console=tty0 console=ttyS0,115200", for aarch64 ttyAMA0,
+                       the architecture's serial console elsewhere; "" for none)
+  --arch ARCH          the image's architecture: x86_64, aarch64, riscv64, i686,
+                       ppc64le, s390x (default: this VM's, which is the build
+                       root's): the root partition's type, the EFI boot file
+                       (BOOTX64.EFI, BOOTAA64.EFI, BOOTRISCV64.EFI, BOOTIA32.EFI)
   --qcow2 FILE         also write a qcow2 copy (needs qemu-img in the helper image:
                        helper-run --with qemu-img)
   --sha256             write OUTPUT.sha256 (and FILE.sha256 with --qcow2)
@@ -107,7 +112,8 @@ label=root
 bootloader=auto
 kernel=
 append=
-console="console=tty0 console=ttyS0,115200"
+console=default
+arch=$(uname -m)
 qcow2=
 want_sha=
 size=
@@ -132,6 +138,7 @@ while [ "$#" -gt 0 ]; do
     --label) need_arg "$@"; label=$2; shift ;;
     --bootloader) need_arg "$@"; bootloader=$2; shift ;;
     --kernel) need_arg "$@"; kernel=$2; shift ;;
+    --arch) need_arg "$@"; arch=$2; shift ;;
     --append) need_arg "$@"; append="${append:+$append }$2"; shift ;;
     --console) need_arg "$@"; console=$2; shift ;;
     --qcow2) need_arg "$@"; qcow2=$2; shift ;;
@@ -235,6 +242,30 @@ if [ -n "$root_partuuid" ]; then
     *) usage_error "--root-partuuid with --table mbr: DISKID-01 (8 hex digits), not $root_partuuid" ;;
     esac
 fi
+# What differs per architecture (hshelper's machine table has the same rows): the
+# root partition's type (Discoverable Partitions Specification), the EFI names, the
+# serial console.
+case $arch in
+x86_64 | amd64)
+    arch=x86_64 root_type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709 efi=x64 EFI_BOOT=BOOTX64.EFI
+    grub_dir=x86_64-efi grub_pkg=grub-efi-amd64-bin serial="console=tty0 console=ttyS0,115200" ;;
+aarch64 | arm64)
+    arch=aarch64 root_type=B921B045-1DF0-41C3-AF44-4C6F280D3FAE efi=aa64 EFI_BOOT=BOOTAA64.EFI
+    grub_dir=arm64-efi grub_pkg=grub-efi-arm64-bin serial="console=ttyAMA0" ;;
+riscv64)
+    root_type=72EC70A6-CF74-40E6-BD49-4BDA08E8F224 efi=riscv64 EFI_BOOT=BOOTRISCV64.EFI
+    grub_dir=riscv64-efi grub_pkg=grub-efi-riscv64-bin serial="console=ttyS0" ;;
+i686 | i586 | i386)
+    arch=i686 root_type=44479540-F297-41B2-9AF7-D131D5F0458A efi=ia32 EFI_BOOT=BOOTIA32.EFI
+    grub_dir=i386-efi grub_pkg=grub-efi-ia32-bin serial="console=tty0 console=ttyS0,115200" ;;
+ppc64le | ppc64el)
+    arch=ppc64le root_type=C31C45E6-3F39-412E-80FB-4809C4980599 efi= serial="console=hvc0" ;;
+s390x)
+    root_type=5EEAD9A9-FE09-4A1E-A1D7-520D00531306 efi= serial="console=ttysclp0" ;;
+*) usage_error "--arch $arch: no image layout for this architecture" ;;
+esac
+[ "$console" != default ] || console=$serial
+
 case $bootloader in
 auto) if [ "$table" = gpt ]; then bootloader=efi-auto; else bootloader=extlinux; fi ;;
 systemd-boot | grub) [ "$table" = gpt ] || usage_error "$bootloader needs --table gpt" ;;
@@ -497,12 +528,13 @@ elif [ "$table" = gpt ]; then
     step "partitioning $dev ($table)"
     [ -n "$root_uuid" ] || root_uuid=$(uuid)
     [ -n "$root_partuuid" ] || root_partuuid=$(uuid)
-    # Root type: "Linux root (x86-64)" of the Discoverable Partitions Specification.
+    # Root type: the architecture's "Linux root" of the Discoverable Partitions
+    # Specification.
     sfdisk -q --wipe always "$dev" <<EOF
 label: gpt
 label-id: ${disk_guid:-$(uuid)}
 size=$esp_size, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, uuid=${esp_guid:-$(uuid)}, name="esp"
-type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, uuid=$root_partuuid, name="root"
+type=$root_type, uuid=$root_partuuid, name="root"
 EOF
 else
     step "partitioning $dev ($table)"
@@ -712,15 +744,18 @@ root_file /etc/fstab
 } >"$mnt/etc/fstab"
 
 # ---------------------------------------------------------------- bootloader
-sd_boot=/usr/lib/systemd/boot/efi/systemd-bootx64.efi
-grub_efi=/usr/lib/grub/x86_64-efi/monolithic/grubx64.efi
+sd_boot=/usr/lib/systemd/boot/efi/systemd-boot$efi.efi
+grub_efi=/usr/lib/grub/$grub_dir/monolithic/grub$efi.efi
+case $bootloader in systemd-boot | grub | efi-auto)
+    [ -n "$efi" ] || die "$arch has no UEFI boot here: use --bootloader none (or extlinux)" ;;
+esac
 if [ "$bootloader" = efi-auto ]; then
     if [ -f "$mnt$sd_boot" ]; then
         bootloader=systemd-boot
     elif [ -f "$mnt$grub_efi" ]; then
         bootloader=grub
     else
-        die "ROOT has no UEFI bootloader: install systemd-boot-efi or grub-efi-amd64-bin in it (or --bootloader none)"
+        die "ROOT has no UEFI bootloader: install systemd-boot-efi or $grub_pkg in it (or --bootloader none)"
     fi
 fi
 
@@ -764,8 +799,8 @@ esp_put() {  # FILE DEST: a file copied onto the ESP
 install_systemd_boot() {
     [ -f "$mnt$sd_boot" ] || die "ROOT has no $sd_boot (install systemd-boot-efi in it)"
     esp_dirs /EFI /EFI/BOOT /EFI/systemd /loader /loader/entries "/$kver"
-    esp_put "$mnt$sd_boot" /EFI/BOOT/BOOTX64.EFI
-    esp_put "$mnt$sd_boot" /EFI/systemd/systemd-bootx64.efi
+    esp_put "$mnt$sd_boot" "/EFI/BOOT/$EFI_BOOT"
+    esp_put "$mnt$sd_boot" "/EFI/systemd/systemd-boot$efi.efi"
     # systemd-boot reads only the ESP: kernel and initrd go there.
     esp_put "$mnt$kernel_file" "/$kver/linux"
     [ -z "$initrd_file" ] || esp_put "$mnt$initrd_file" "/$kver/initrd"
@@ -783,12 +818,12 @@ install_systemd_boot() {
 }
 
 install_grub() {
-    [ -f "$mnt$grub_efi" ] || die "ROOT has no $grub_efi (install grub-efi-amd64-bin in it)"
+    [ -f "$mnt$grub_efi" ] || die "ROOT has no $grub_efi (install $grub_pkg in it)"
     esp_dirs /EFI /EFI/BOOT /EFI/debian
     make_dir /boot/grub
     # Debian's monolithic image has every module built in; its embedded config reads
     # grub.cfg from its own directory or from /EFI/debian on the ESP.
-    esp_put "$mnt$grub_efi" /EFI/BOOT/BOOTX64.EFI
+    esp_put "$mnt$grub_efi" "/EFI/BOOT/$EFI_BOOT"
     root_file /boot/grub/grub.cfg
     {
         echo "set timeout=0"

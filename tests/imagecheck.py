@@ -22,6 +22,9 @@ from pathlib import Path
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
+# UEFI for aarch64 (Debian's qemu-efi-aarch64), and the machine that boots it.
+AAVMF_CODE = Path("/usr/share/AAVMF/AAVMF_CODE.fd")
+AAVMF_VARS = Path("/usr/share/AAVMF/AAVMF_VARS.fd")
 MARKER = "HSHELPER-MARKER"
 # The booted image's init (init=/usr/local/sbin/marker): prove the root, the fstab and
 # the ESP, then power off. A full systemd boot would take minutes under TCG.
@@ -134,13 +137,26 @@ def target_tarball(source_root: Path, dest: Path, exclude: tuple[str, ...] = ())
 
 
 def boot(image: Path, firmware: str, log: Path, timeout: float = 600,
-         fmt: str = "raw") -> str:
-    """Boot ``image`` under TCG with UEFI (OVMF) or legacy BIOS (SeaBIOS); return the
-    serial console's text once the guest powered off (or the timeout passed)."""
+         fmt: str = "raw", arch: str = "x86_64") -> str:
+    """Boot ``image`` under TCG with UEFI (OVMF; AAVMF for aarch64) or legacy BIOS
+    (SeaBIOS); return the serial console's text once the guest powered off (or the
+    timeout passed)."""
     with tempfile.TemporaryDirectory() as tmp:
-        argv = ["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "512",
-                "-display", "none", "-no-reboot", "-serial", f"file:{log}",
-                "-drive", f"file={image},format={fmt},if=virtio,snapshot=on"]
+        if arch == "aarch64":
+            vars_copy = Path(tmp) / "vars.fd"
+            shutil.copy(AAVMF_VARS, vars_copy)
+            argv = ["qemu-system-aarch64", "-machine", "virt,accel=tcg",
+                    "-cpu", "max,pauth=off", "-m", "512", "-display", "none", "-no-reboot",
+                    "-serial", f"file:{log}",
+                    "-drive", f"if=pflash,format=raw,readonly=on,file={AAVMF_CODE}",
+                    "-drive", f"if=pflash,format=raw,file={vars_copy}",
+                    "-drive", f"file={image},format={fmt},if=none,id=d,snapshot=on",
+                    "-device", "virtio-blk-pci,drive=d"]
+            firmware = "aavmf"
+        else:
+            argv = ["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "512",
+                    "-display", "none", "-no-reboot", "-serial", f"file:{log}",
+                    "-drive", f"file={image},format={fmt},if=virtio,snapshot=on"]
         if firmware == "uefi":
             vars_copy = Path(tmp) / "vars.fd"
             shutil.copy(OVMF_VARS, vars_copy)

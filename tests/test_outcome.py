@@ -79,3 +79,8 @@ def test_a_plugin_reason_and_an_unexplained_pause():
     assert "killed by signal" in paused.reason  # what killed it is known: said first
     paused = classify(Observed(events=({"event": "STOP"},), returncode=0))
     assert "paused the VM" in paused.reason
+
+
+def test_the_guest_inits_own_failure_is_said():
+    out = classify(Observed(status=125, guest_error="cannot enter /x in the guest"))
+    assert out.status == 125 and out.reason == "in the guest: cannot enter /x in the guest"

@@ -39,6 +39,7 @@ class Observed:
     events: tuple[dict, ...] = ()
     disk_files: dict[str, str] = field(default_factory=dict)  # qemu drive id -> host path
     plugin_reason: str = ""  # a plugin ended the run at a qemu event (hshelper_vm_event)
+    guest_error: str = ""  # the guest init's own failure ("error TEXT" on the control port)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,8 @@ def classify(seen: Observed) -> Outcome:
     io_error = _io_error(seen)
     if io_error:
         return failed(io_error)
+    if seen.guest_error:
+        return failed(f"in the guest: {seen.guest_error}")
     if seen.status is not None:
         return Outcome(seen.status, "", boot, tail)
     panic = _panicked(seen)

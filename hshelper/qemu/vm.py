@@ -126,6 +126,7 @@ class VM:
         self._stderr = b""
         self._control = b""
         self._plugin_reason = ""
+        self._guest_error = ""
         self._loop: Loop | None = None
 
     # ------------------------------------------------------------ start and stop
@@ -244,6 +245,8 @@ class VM:
                 self._started = time.monotonic() - self.activity.started
             elif words[0] == guestabi.STATUS and len(words) == 2 and words[1].isdigit():
                 self._status = int(words[1])
+            elif words[0] == guestabi.ERROR:
+                self._guest_error = " ".join(words[1:])
 
     def _send_script(self) -> None:
         assert self._loop is not None
@@ -311,7 +314,7 @@ class VM:
             qemu_stderr=self._stderr.decode(errors="replace"),
             console=self.console_log.read_text(errors="replace"),
             events=tuple(self.qmp.events), disk_files=self.disk_files,
-            plugin_reason=self._plugin_reason)
+            plugin_reason=self._plugin_reason, guest_error=self._guest_error)
         return outcome.classify(seen)
 
     def _over(self, limits: Limits, elapsed: float) -> tuple[str, float | None]:
