@@ -99,7 +99,8 @@ RECIPES: dict[str, Recipe] = {
     # (only the virtio, ext4 and vfat modules: seconds instead of minutes).
     "target-arm64": Recipe(("linux-image-arm64", "initramfs-tools", "busybox", "klibc-utils",
                             "systemd-boot-efi", "grep", "sed", "findutils", "gzip",
-                            "diffutils", "debianutils", "cpio", "udev", "mawk", *FOREIGN),
+                            "diffutils", "debianutils", "cpio", "udev", "mawk", "bash",
+                            *FOREIGN),
                            extra={"arch": "arm64", "initramfs": "virtio_pci virtio_blk ext4 "
                                   "vfat nls_cp437 nls_ascii"}),
     # Debian 13 has riscv64 as a release architecture (its packages are usr-merged).
