@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -126,15 +127,19 @@ def root_path(name: str) -> Path:
     return CACHE / f"{name}-{RECIPES[name].key(name)}"
 
 
-def ensure_root(name: str) -> Path:
-    """The cached root called ``name``, made first when missing."""
-    recipe = RECIPES[name]
-    target = root_path(name)
-    if (target / ".hshelper-root-done").exists():
+DONE = ".hshelper-root-done"
+
+
+def made_once(name: str, key: str, record, make: Callable[[Path], None]) -> Path:
+    """CACHE/NAME-KEY, made by ``make(directory)`` when missing: under a lock (parallel
+    runs wait for one maker), in a temporary directory renamed into place whole (an
+    interrupted run never leaves a half-made root that looks finished), older keys of
+    NAME removed; ``record`` (what it was made from) goes into its done-file."""
+    target = CACHE / f"{name}-{key}"
+    if (target / DONE).exists():
         return target
-    source = ensure_root(recipe.derive) if recipe.derive else None
     with _locked(CACHE / f".{name}.lock"):
-        if (target / ".hshelper-root-done").exists():
+        if (target / DONE).exists():
             return target
         for stale in CACHE.glob(f"{name}-*"):  # older recipes of this root
             if stale != target and stale.name[len(name) + 1:].isalnum():
@@ -142,18 +147,29 @@ def ensure_root(name: str) -> Path:
         tmp = CACHE / f".{target.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            if source is not None:
-                # cp, not shutil.copytree: a root has device nodes (/dev/zero) that
-                # copytree would read forever; -x stays out of a /proc a test mounted.
-                subprocess.run(["cp", "-ax", str(source), str(tmp)], check=True)
-                DERIVE[name](tmp)
-            else:
-                _mmdebstrap(recipe, tmp)
-            (tmp / ".hshelper-root-done").write_text(json.dumps(asdict(recipe)) + "\n")
+            make(tmp)
+            (tmp / DONE).write_text(json.dumps(record) + "\n")
             os.rename(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def ensure_root(name: str) -> Path:
+    """The cached root called ``name``, made first when missing."""
+    recipe = RECIPES[name]
+    source = ensure_root(recipe.derive) if recipe.derive else None
+
+    def make(tmp: Path) -> None:
+        if source is not None:
+            # cp, not shutil.copytree: a root has device nodes (/dev/zero) that copytree
+            # would read forever; -x stays out of a /proc a test mounted.
+            subprocess.run(["cp", "-ax", str(source), str(tmp)], check=True)
+            DERIVE[name](tmp)
+        else:
+            _mmdebstrap(recipe, tmp)
+
+    return made_once(name, recipe.key(name), asdict(recipe), make)
 
 
 def _foreign(recipe: Recipe, dest: Path) -> None:
@@ -284,31 +300,22 @@ def apt_root(debs: list[Path]) -> Path:
     pull again); a run installs the packages of the checkout on top (apt_overlay)."""
     recipe = ["bookworm-apt", LAYOUT_VERSION, MIRROR, SECURITY, APT_INSTALL,
               [_deb_relations(deb) for deb in sorted(debs)]]
-    key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]
-    target = CACHE / f"bookworm-apt-{key}"
-    if (target / ".hshelper-root-done").exists():
-        return target
-    with _locked(CACHE / ".bookworm-apt.lock"):
-        if (target / ".hshelper-root-done").exists():
-            return target
-        for stale in CACHE.glob("bookworm-apt-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = CACHE / f".{target.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase",
-                            "--format=directory", "--skip=cleanup/apt/lists",
-                            "bookworm", str(tmp), MIRROR,
-                            f"deb {SECURITY} bookworm-security main"], check=True)
-            _apt_install(tmp, debs)
-            names = [_deb_field(deb, "Package") for deb in debs]
-            _in_root(tmp, ["apt-get", "purge", "-y", "-q", *names])
-            _in_root(tmp, ["apt-get", "clean"])
-            (tmp / ".hshelper-root-done").write_text(json.dumps(recipe) + "\n")
-            os.rename(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    def make(tmp: Path) -> None:
+        subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase",
+                        "--format=directory", "--skip=cleanup/apt/lists",
+                        "bookworm", str(tmp), MIRROR,
+                        f"deb {SECURITY} bookworm-security main"], check=True)
+        _apt_install(tmp, debs)
+        names = [_deb_field(deb, "Package") for deb in debs]
+        _in_root(tmp, ["apt-get", "purge", "-y", "-q", *names])
+        _in_root(tmp, ["apt-get", "clean"])
+
+    return made_once("bookworm-apt", _key(recipe), recipe, make)
+
+
+def _key(recipe) -> str:
+    return hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]
 
 
 def _deb_field(deb: Path, name: str) -> str:
@@ -384,31 +391,18 @@ def tools_root(debs: list[Path]) -> Path:
     a key of the apt root, TOOLS and those dependencies."""
     lower = apt_root(debs)
     recipe = ["bookworm-tools", lower.name, TOOLS, deb_dependencies(debs), MIRROR, SECURITY]
-    key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]
-    target = CACHE / f"bookworm-tools-{key}"
-    if (target / ".hshelper-root-done").exists():
-        return target
-    with _locked(CACHE / ".bookworm-tools.lock"):
-        if (target / ".hshelper-root-done").exists():
-            return target
-        for stale in CACHE.glob("bookworm-tools-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = CACHE / f".{target.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            subprocess.run(["cp", "-ax", str(lower), str(tmp)], check=True)
-            _in_root(tmp, [*APT_INSTALL, *TOOLS])
-            _in_root(tmp, ["pbuilder", "create", "--distribution", "bookworm",
-                           "--mirror", MIRROR,
-                           "--othermirror", f"deb {SECURITY} bookworm-security main",
-                           "--compressprog", "cat", "--aptcache", "",
-                           "--extrapackages", " ".join(deb_dependencies(debs))])
-            _in_root(tmp, ["apt-get", "clean"])
-            (tmp / ".hshelper-root-done").write_text(json.dumps(recipe) + "\n")
-            os.rename(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    def make(tmp: Path) -> None:
+        subprocess.run(["cp", "-ax", str(lower), str(tmp)], check=True)
+        _in_root(tmp, [*APT_INSTALL, *TOOLS])
+        _in_root(tmp, ["pbuilder", "create", "--distribution", "bookworm",
+                       "--mirror", MIRROR,
+                       "--othermirror", f"deb {SECURITY} bookworm-security main",
+                       "--compressprog", "cat", "--aptcache", "",
+                       "--extrapackages", " ".join(deb_dependencies(debs))])
+        _in_root(tmp, ["apt-get", "clean"])
+
+    return made_once("bookworm-tools", _key(recipe), recipe, make)
 
 
 @contextlib.contextmanager
