@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent
+# Settings given to the test process that every hshelper run in the suite takes.
+SUITE_SWITCHES = ("HSHELPER_RUN_SAVED_STATES",)
 BUILD_UID = 65534
 HOME = "/home/builder"
 WRAPPER = """#!/usr/bin/python3
@@ -102,9 +104,12 @@ def shm_mounted(root: Path):
 def run(root: Path, argv: list[str], cwd: str = HOME, uid: int = BUILD_UID,
         env: dict[str, str] | None = None, timeout: float = 300, capture: bool = True,
         **kwargs):
-    """Run ``argv`` inside ``root`` as ``uid`` with a build user's minimal environment."""
+    """Run ``argv`` inside ``root`` as ``uid`` with a build user's minimal environment
+    (plus the switches of the whole suite: HSHELPER_RUN_SAVED_STATES=0 runs every VM
+    test booting cold)."""
     base = {"HOME": HOME, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
             "USER": "builder"}
+    base.update({k: v for k, v in os.environ.items() if k in SUITE_SWITCHES})
     base.update(env or {})
     cmd = ["chroot", f"--userspec={uid}:{uid}", str(root),
            "/usr/bin/env", "-i", *[f"{k}={v}" for k, v in base.items()],
@@ -169,7 +174,8 @@ def run_host(staged: Path, command: str, argv: list[str], cwd: Path, home: Path,
     code = f"import sys; sys.path.insert(0, {str(staged)!r}); " \
            f"from hshelper.cli import {func}; sys.exit({func}())"
     env = {"HOME": str(home), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
-           "XDG_CACHE_HOME": str(home / ".cache")}
+           "XDG_CACHE_HOME": str(home / ".cache"),
+           **{k: v for k, v in os.environ.items() if k in SUITE_SWITCHES}}
     return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                            "/usr/bin/python3", "-c", code, *argv], cwd=cwd, env=env,
                           capture_output=True, timeout=timeout)
