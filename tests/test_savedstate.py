@@ -5,6 +5,7 @@ by another qemu or for another machine shape is never used and the run boots col
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -14,7 +15,11 @@ from pathlib import Path
 import chroot
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.vm]
+pytestmark = [
+    pytest.mark.slow, pytest.mark.vm,
+    pytest.mark.skipif(os.environ.get("HSHELPER_RUN_SAVED_STATES") == "0",
+                       reason="saved VM states are switched off for this whole run"),
+]
 
 
 def helper_run(root, *argv, cwd=chroot.HOME, **kwargs):
