@@ -23,6 +23,9 @@ libraries: about 100 MB in 5300 entries), given as a plain tarball.
              read-only disk, the fastest way in), and the recipe run by path with ROOT
              as the tarball over 9p and as a directory over 9p
   --reproducible  also the job with SOURCE_DATE_EPOCH set: a reproducible image
+  --restore  also the job booted cold (saved VM states off) beside the default, which
+             restores a saved state; one more run of each with --report splits its time
+             into start (restore or boot), host fill, guest work and the rest
   --against CHECKOUT  also hshelper's job with another checkout of hshelper (a git
              worktree of the base of a change, say), installed into the build root before
              each of its rounds, with a cache of its own: this checkout / that one
@@ -36,7 +39,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -174,6 +179,28 @@ def guestfish_job(root: Path, tarball: Path, out: Path) -> Callable[[], None] | 
     return run
 
 
+def split_times(root: Path, host: Path) -> dict[str, dict[str, float]]:
+    """One more run restored and one booted cold, with --report and -v: where the time
+    goes (the start: restore or boot to the command; the host's fill; the guest's own
+    work after its start; and the rest: hshelper's start-up and the VM's end)."""
+    out = {}
+    for how, env in (("restored", None), ("cold", {"HSHELPER_RUN_SAVED_STATES": "0"})):
+        (host / "split.img").unlink(missing_ok=True)
+        argv = ["helper-run", "-q", "-v", "--report", "split.json", "--recipe", "mkimage",
+                "--size", "1G", *OPTIONS, "tree.tar", "split.img"]
+        proc = chroot.run(root, argv, cwd=WORK, timeout=1800, env=env)
+        if proc.returncode:
+            raise SystemExit(f"bench: helper-run failed ({how}): {proc.stderr.decode()}")
+        report = json.loads((host / "split.json").read_text())["timings"]
+        fill = re.search(rb"root filled on the host in ([0-9.]+) s", proc.stderr)
+        start = report["boot_seconds"]
+        out[how] = {"start": start, "host fill (beside the start)":
+                    float(fill.group(1)) if fill else 0.0,
+                    "guest work": report["vm_seconds"] - start,
+                    "the rest": report["total_seconds"] - report["vm_seconds"]}
+    return out
+
+
 def check_image(image: Path, tmp: Path) -> None:
     """Every candidate's image must really hold the job: both filesystems clean."""
     esp, rootp = imagecheck.layout(image).partitions
@@ -193,6 +220,8 @@ def main() -> int:
     parser.add_argument("--no-guestfish", action="store_true")
     parser.add_argument("--reproducible", action="store_true",
                         help="also time the job with SOURCE_DATE_EPOCH set")
+    parser.add_argument("--restore", action="store_true",
+                        help="also time the job booted cold, and split both runs' time")
     parser.add_argument("--against", type=Path, metavar="CHECKOUT",
                         help="also time hshelper's job with this other checkout")
     args = parser.parse_args()
@@ -212,6 +241,9 @@ def main() -> int:
                 root, host, "host-fill", "out-against.img",
                 {"XDG_CACHE_HOME": f"{chroot.HOME}/.cache-against"})
             before["hshelper against"] = lambda: chroot.install(root, args.against)
+        if args.restore:
+            jobs["hshelper cold"] = hshelper_job(root, host, "host-fill", "out-cold.img",
+                                                 {"HSHELPER_RUN_SAVED_STATES": "0"})
         if args.reproducible:
             jobs["hshelper reproducible"] = hshelper_job(
                 root, host, "host-fill", "out-repro.img", {"SOURCE_DATE_EPOCH": "1700000000"})
@@ -237,9 +269,10 @@ def main() -> int:
                 before.get(name, lambda: None)()
                 times[name].append(timed(job))
                 print(f"  {name:22} {times[name][-1]:7.2f} s", file=sys.stderr, flush=True)
+        splits = split_times(root, host) if args.restore else {}
         chroot.install(root)
         for image in (host / "out.img", host / "out-against.img", host / "out-repro.img",
-                      tmp / "floor.img", tmp / "gf.img"):
+                      host / "out-cold.img", tmp / "floor.img", tmp / "gf.img"):
             if image.exists():
                 check_image(image, tmp)
     med = {name: statistics.median(values) for name, values in times.items()}
@@ -269,6 +302,11 @@ def main() -> int:
         print(f"hshelper (this checkout) / hshelper ({args.against}) = "
               f"{med['hshelper'] / med['hshelper against']:.2f}x (per round: "
               f"{', '.join(f'{r:.2f}' for r in ratios)})")
+    if "hshelper cold" in med:
+        print(f"hshelper (restored) / hshelper cold = "
+              f"{med['hshelper'] / med['hshelper cold']:.2f}x")
+        for how, parts in splits.items():
+            print(f"  {how:9} " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
     if "hshelper reproducible" in med:
         print(f"hshelper reproducible / hshelper = "
               f"{med['hshelper reproducible'] / med['hshelper']:.2f}x")

@@ -166,3 +166,5 @@ class RunResult:
     console_log: Path | None
     artifacts: tuple[Path, ...] = ()
     skipped: bool = False
+    start: str = "booted"  # "restored", "saved" or "booted": how the VM started
+    restore_seconds: float | None = None

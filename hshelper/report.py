@@ -135,6 +135,11 @@ def build_report(spec: RunSpec, result: RunResult, image: ImageResult | None, cw
             "vm_seconds": round(result.seconds, 3),
             "boot_seconds": (round(result.boot_seconds, 3)
                              if result.boot_seconds is not None else None),
+            # "restored" (from a saved VM state), "saved" (booted, and saved one) or
+            # "booted"; restore_seconds: until the restored guest ran again.
+            "start": result.start,
+            "restore_seconds": (round(result.restore_seconds, 3)
+                                if result.restore_seconds is not None else None),
         },
         "accelerator": {"name": result.accel.name, "reason": result.accel.reason},
         "kernel": ({"version": image.kernel_version, "image": str(image.kernel)}

@@ -229,10 +229,10 @@ def saved_state_dir(config, spec: RunSpec, image, machine: Machine,
 
 
 def run_vm(host, spec: RunSpec, vm: VM, make_vm, state, stop: StopRequest, limits: Limits,
-           script: bytes):
+           script: bytes, how: dict):
     """Run the VM through the plugins' hshelper_run_vm: from the saved state when one is
     there (a state that does not load is discarded and the run boots cold), saving one
-    at "ready" when there is none."""
+    at "ready" when there is none. ``how`` learns which it was."""
     def run(this: VM):
         return host.hook.hshelper_run_vm(spec=spec, vm=this, stop=stop, limits=limits,
                                          script=script)
@@ -249,6 +249,7 @@ def run_vm(host, spec: RunSpec, vm: VM, make_vm, state, stop: StopRequest, limit
         try:
             outcome = run(vm)
             note(f"restored the saved VM state in {vm.restore_seconds:.2f} s")
+            how.update(how="restored", restore_seconds=vm.restore_seconds)
             return outcome
         except RestoreFailed as exc:
             savedstate.discard(state)
@@ -260,6 +261,7 @@ def run_vm(host, spec: RunSpec, vm: VM, make_vm, state, stop: StopRequest, limit
         vm.save_to = target.path
         outcome = run(vm)
         target.keep = vm.saved
+        how.update(how="saved" if vm.saved else "booted")
         note(vm.state_note or (f"saved the VM state in {vm.save_seconds:.2f} s"
                                if vm.saved else ""))
     return outcome
@@ -341,6 +343,7 @@ def main(session, args, config, shell: bool = False) -> int:
     old_handlers = _signal_handlers(stop)
     console_log = log_path(config)
     started = time.monotonic()
+    started_how: dict = {}  # how run_vm started the VM, for the result
     try:
         def make_vm() -> VM:
             return VM(qemu, machine, boot, devices, console_log, spec.stdin, spec.verbose,
@@ -361,7 +364,7 @@ def main(session, args, config, shell: bool = False) -> int:
             state = savedstate.entry(slot_dir, savedstate.key(
                 qemu, vm.argv, boot.kernel, boot.initrd, accel.name, initrd.code_digest(),
                 slot_dir))
-        outcome = run_vm(host, spec, vm, make_vm, state, stop, limits, script)
+        outcome = run_vm(host, spec, vm, make_vm, state, stop, limits, script, started_how)
     finally:
         for sig, old in old_handlers.items():
             signal.signal(sig, old)
@@ -371,7 +374,8 @@ def main(session, args, config, shell: bool = False) -> int:
               "was removed and the next run builds it again", file=sys.stderr)
     result = RunResult(status=outcome.status, reason=outcome.reason, accel=accel,
                        seconds=time.monotonic() - started, boot_seconds=outcome.boot_seconds,
-                       console_log=console_log)
+                       console_log=console_log, start=started_how.get("how", "booted"),
+                       restore_seconds=started_how.get("restore_seconds"))
     host.hook.hshelper_after_run(spec=spec, result=result)
     if outcome.reason:
         print(f"hshelper: {outcome.reason} (kernel log: {console_log})", file=sys.stderr)
