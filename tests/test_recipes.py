@@ -221,7 +221,7 @@ OPTION_VALUES = {
     "--root-partuuid": "5b5c0d3e-0000-4000-8000-000000000002", "--bootloader": "none",
     "--kernel": "6.1.0", "--append": "quiet", "--console": "", "--qcow2": "x.qcow2",
     "--sha256": None, "--size": "1G", "--prefilled": None, "--esp-id": "0badcafe",
-    "--seed": "release-1", "--root-sha256": "ab" * 32, "--help": None,
+    "--seed": "release-1", "--root-sha256": "ab" * 32, "--arch": "aarch64", "--help": None,
 }
 SHELLS = [shell for shell in (["sh"], ["dash"], ["busybox", "sh"], ["bash", "--posix"])
           if shutil.which(shell[0])]
