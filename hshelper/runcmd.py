@@ -18,17 +18,19 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from hshelper import argtypes, cache, elf, guestrun, initrd, packages
 from hshelper.config import Layer
 from hshelper.errors import HshelperError
-from hshelper.model import Accel, RunResult, RunSpec
+from hshelper.model import Accel, ImageResult, RunResult, RunSpec
 from hshelper.qemu import kernelimage, savedstate
 from hshelper.qemu.argv import BootSpec
-from hshelper.qemu.machines import Machine
+from hshelper.qemu.kernelimage import BootKernel
+from hshelper.qemu.machines import Choice, Machine
 from hshelper.qemu.vm import VM, Limits, RestoreFailed, StopRequest
-from hshelper.sysroot import Sysroot
+from hshelper.sysroot import Kernel, Sysroot
 
 BASE_CMDLINE = (
     "panic=-1",  # reboot at once on a panic; -no-reboot turns that into qemu's exit
@@ -275,33 +277,46 @@ def kernel_cmdline(machine: Machine, plugin_words: list[list[str] | None],
     return " ".join(words + append.split())
 
 
-def main(session, args, config, shell: bool = False) -> int:
-    sysroot = Sysroot(args.sysroot)
-    host = session.host
-    spec = make_spec(args, config, shell)
+@dataclass(frozen=True)
+class Target:
+    """What a run boots: the kernel, the machine of its architecture, the qemu for that
+    machine, and the kernel file qemu is given."""
+
+    kernel: Kernel
+    choice: Choice
+    qemu: str
+    boot_kernel: BootKernel
+
+    @property
+    def machine(self) -> Machine:
+        return self.choice.machine
+
+
+def find_target(host, sysroot: Sysroot, config) -> Target:
     kernel, choice = initrd.find_kernel(host, sysroot, config)
-    machine = choice.machine
-    qemu = find_qemu(config.get("run", "qemu"), machine, sysroot)
+    qemu = find_qemu(config.get("run", "qemu"), choice.machine, sysroot)
     boot_kernel = kernelimage.bootable(sysroot.resolve(kernel.image).host,
-                                       machine.kernel_format, cache.subdir(config, "kernels"))
-    accel = host.hook.hshelper_choose_accel(spec=spec, qemu=qemu, config=config,
-                                            machine=machine, kernel=boot_kernel.path)
-    if accel is None:
-        accel = Accel("tcg", "no plugin chose an accelerator")
-    if args.skip_without_kvm and accel.name != "kvm":
-        print(f"hshelper: warning: skipping {' '.join(spec.argv)}: no working KVM "
-              f"({accel.reason})", file=sys.stderr)
-        host.hook.hshelper_after_run(spec=spec, result=RunResult(
-            status=0, reason=f"skipped: no working KVM ({accel.reason})", accel=accel,
-            seconds=0.0, boot_seconds=None, console_log=None, skipped=True))
-        return 0
-    if accel.name == "tcg" and spec.accel == "auto" and args.verbose:
-        print(f"hshelper: using TCG: {accel.reason}", file=sys.stderr)
+                                       choice.machine.kernel_format,
+                                       cache.subdir(config, "kernels"))
+    return Target(kernel, choice, qemu, boot_kernel)
+
+
+def choose_accel(host, spec: RunSpec, config, target: Target) -> Accel:
+    accel = host.hook.hshelper_choose_accel(spec=spec, qemu=target.qemu, config=config,
+                                            machine=target.machine,
+                                            kernel=target.boot_kernel.path)
+    return accel or Accel("tcg", "no plugin chose an accelerator")
+
+
+def settle_spec(host, spec: RunSpec, config, args, sysroot: Sysroot, target: Target,
+                accel: Accel) -> tuple[RunSpec, ImageResult, object]:
+    """The run as the plugins shape it, the image it boots (a variant with the script's
+    shell when the image is all the command has), and the config that made it."""
     if not spec.cpus:
         spec = dataclasses.replace(spec, cpus=1 if accel.name == "tcg" else
-                                   min(2, os.cpu_count() or 1, machine.max_cpus))
+                                   min(2, os.cpu_count() or 1, target.machine.max_cpus))
     image = initrd.build_image(host, sysroot, config)
-    spec = chain_run_spec(host, spec, config, args, image, machine)
+    spec = chain_run_spec(host, spec, config, args, image, target.machine)
     if not any(s.automount and (spec.cwd == s.guest or spec.cwd.startswith(
             s.guest.rstrip("/") + "/")) for s in spec.shares):
         # Not shared (--no-share-cwd, or no share plugin): the guest starts in /.
@@ -318,10 +333,27 @@ def main(session, args, config, shell: bool = False) -> int:
         raise HshelperError(f"kernel {image.kernel_version} has no virtio_console module, "
                             "which carries the command's output",
                             hint="install a kernel with CONFIG_VIRTIO_CONSOLE")
+    return spec, image, config
+
+
+@dataclass(frozen=True)
+class VMPlan:
+    """Everything qemu and the guest get for one run."""
+
+    spec: RunSpec
+    boot: BootSpec
+    devices: list[str]
+    script: bytes
+    slot_dir: Path | None  # saved VM states apply: where they are
+
+
+def plan_vm(host, spec: RunSpec, config, image: ImageResult, target: Target,
+            accel: Accel, kconfig: dict[str, str]) -> VMPlan:
+    machine = target.machine
     cmdline = kernel_cmdline(
         machine, host.hook.hshelper_kernel_cmdline(spec=spec, image=image, accel=accel),
         spec.extra.get("append", ""))
-    slot_dir = saved_state_dir(config, spec, image, machine, sysroot.kernel_config(kernel))
+    slot_dir = saved_state_dir(config, spec, image, machine, kconfig)
     if slot_dir:
         spec = dataclasses.replace(spec, slot_dir=str(slot_dir))
     devices: list[str] = []
@@ -335,9 +367,38 @@ def main(session, args, config, shell: bool = False) -> int:
     for extra in reversed(host.hook.hshelper_guest_setup(spec=spec, image=image,
                                                          machine=machine)):
         steps += extra or []
-    boot = BootSpec(accel.name, spec.memory_mb, spec.cpus, boot_kernel.path,
+    boot = BootSpec(accel.name, spec.memory_mb, spec.cpus, target.boot_kernel.path,
                     initrd.boot_initrd(image, accel.name), cmdline,
                     config.get("run", "tcg_cpu"))
+    return VMPlan(spec, boot, devices, guestrun.run_script(spec, steps), slot_dir)
+
+
+def main(session, args, config, shell: bool = False) -> int:
+    sysroot = Sysroot(args.sysroot)
+    host = session.host
+    spec = make_spec(args, config, shell)
+    target = find_target(host, sysroot, config)
+    accel = choose_accel(host, spec, config, target)
+    if args.skip_without_kvm and accel.name != "kvm":
+        print(f"hshelper: warning: skipping {' '.join(spec.argv)}: no working KVM "
+              f"({accel.reason})", file=sys.stderr)
+        host.hook.hshelper_after_run(spec=spec, result=RunResult(
+            status=0, reason=f"skipped: no working KVM ({accel.reason})", accel=accel,
+            seconds=0.0, boot_seconds=None, console_log=None, skipped=True))
+        return 0
+    if accel.name == "tcg" and spec.accel == "auto" and args.verbose:
+        print(f"hshelper: using TCG: {accel.reason}", file=sys.stderr)
+    spec, image, config = settle_spec(host, spec, config, args, sysroot, target, accel)
+    plan = plan_vm(host, spec, config, image, target, accel,
+                   sysroot.kernel_config(target.kernel))
+    return boot_and_run(host, plan, target, accel, image, config)
+
+
+def boot_and_run(host, plan: VMPlan, target: Target, accel: Accel, image: ImageResult,
+                 config) -> int:
+    """Start the VM (restored where a saved state serves), serve it to its end, report
+    and return the exit status."""
+    spec = plan.spec
     limits = Limits(boot=config.get("run", "boot_timeout") or None, command=spec.timeout)
     stop = StopRequest()
     old_handlers = _signal_handlers(stop)
@@ -346,7 +407,8 @@ def main(session, args, config, shell: bool = False) -> int:
     started_how: dict = {}  # how run_vm started the VM, for the result
     try:
         def make_vm() -> VM:
-            return VM(qemu, machine, boot, devices, console_log, spec.stdin, spec.verbose,
+            return VM(target.qemu, target.machine, plan.boot, plan.devices, console_log,
+                      spec.stdin, spec.verbose,
                       disk_files={d.drive_id(i): str(d.path)
                                   for i, d in enumerate(spec.disks)},
                       on_event=lambda event: host.hook.hshelper_vm_event(spec=spec,
@@ -358,13 +420,13 @@ def main(session, args, config, shell: bool = False) -> int:
         if spec.interactive and sys.stdin.isatty():
             print("hshelper: a root shell in the helper VM; leave with exit or Ctrl-D "
                   "(Ctrl-C stops the VM)", file=sys.stderr, flush=True)
-        script = guestrun.run_script(spec, steps)
         state = None
-        if slot_dir:
-            state = savedstate.entry(slot_dir, savedstate.key(
-                qemu, vm.argv, boot.kernel, boot.initrd, accel.name, initrd.code_digest(),
-                slot_dir))
-        outcome = run_vm(host, spec, vm, make_vm, state, stop, limits, script, started_how)
+        if plan.slot_dir:
+            state = savedstate.entry(plan.slot_dir, savedstate.key(
+                target.qemu, vm.argv, plan.boot.kernel, plan.boot.initrd, accel.name,
+                initrd.code_digest(), plan.slot_dir))
+        outcome = run_vm(host, spec, vm, make_vm, state, stop, limits, plan.script,
+                         started_how)
     finally:
         for sig, old in old_handlers.items():
             signal.signal(sig, old)
