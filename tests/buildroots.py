@@ -421,3 +421,22 @@ def overlay(lower: Path):
     finally:
         subprocess.run(["umount", "-R", "-l", str(merged)], check=False)
         shutil.rmtree(top, ignore_errors=True)
+
+
+def ensure_all(parallel: int = 4) -> None:
+    """Every root of RECIPES, made side by side where missing (mmdebstrap waits on the
+    network and the disk more than on the processors): a fresh machine's first test run
+    then pays for the slowest root, not for all of them in turn."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    missing = [name for name in RECIPES if not (root_path(name) / DONE).exists()]
+    if not missing:
+        return
+    print(f"buildroots: making {', '.join(missing)} (cached in {CACHE})", flush=True)
+    with ThreadPoolExecutor(parallel) as pool:
+        for name, path in zip(missing, pool.map(ensure_root, missing)):
+            print(f"buildroots: {name}: {path}", flush=True)
+
+
+if __name__ == "__main__":
+    ensure_all()
