@@ -34,6 +34,8 @@ from hshelper.model import Contents, Program, Share
 
 NEEDS = {"image": {"9p", "9pnet_virtio", "overlay"}, "root": {"9p", "9pnet_virtio", "overlay"}}
 N = guestabi.NEWROOT
+RW = "/hshelper/rw"
+UPPER, WORK = f"{RW}/upper", f"{RW}/work"
 
 
 def isolated_because(mode: str, features: frozenset[str]) -> str | None:
@@ -51,7 +53,16 @@ def hshelper_image_contents():
     # overlay is loaded at boot: a module loaded on demand costs a round trip through
     # the guest's modprobe script, and a saved VM state carries what was loaded.
     return Contents(programs=(Program("chroot"),), modules=("overlay?!",),
-                    directories=(guestabi.ROOT_DIR, "/hshelper/rw", N, "/hshelper/run"))
+                    directories=(guestabi.ROOT_DIR, RW, N, "/hshelper/run"),
+                    init_steps=(("overlay-upper", upper_code()),))
+
+
+def upper_code() -> str:
+    """Boot-time shell: the tmpfs for the overlay's upper and work directories. Its own
+    mount, so the image's root (the overlay's lowest layer in mode image) does not hold
+    them; made at boot, so a restored VM has it already (a tmpfs survives a save)."""
+    return "\n".join([f"$hsh_mount -t tmpfs -o mode=0755 hshrw {RW}",
+                      f"mkdir {UPPER} {WORK}"])
 
 
 @hookimpl(tryfirst=True)  # the others see the mode it settles
@@ -77,17 +88,16 @@ def hshelper_run_spec(spec, config, args, image):
 def setup_code(mode: str) -> str:
     """Mount the build root, the overlay and the pseudo filesystems; chroot there."""
     lower = f"/:{guestabi.ROOT_DIR}" if mode == "image" else guestabi.ROOT_DIR
-    first = fstab([
+    # One fstab, mounted in order (the build root before the overlay on it); the upper
+    # and work directories were made at boot (upper_code).
+    table = fstab([
         # cache=loose: the build root does not change under a run, and every program
         # start looks its path up.
         ("hshroot", guestabi.ROOT_DIR, "9p",
          f"trans=virtio,version=9p2000.L,msize={mapped9p.MSIZE},cache=loose,ro"),
-        ("hshrw", "/hshelper/rw", "tmpfs", "mode=0755"),
-    ])
-    # The image has /proc, /sys, /dev, /tmp and /run, so they exist in the overlay.
-    second = fstab([
         ("hshroot", N, "overlay",
-         f"lowerdir={lower},upperdir=/hshelper/rw/upper,workdir=/hshelper/rw/work"),
+         f"lowerdir={lower},upperdir={UPPER},workdir={WORK}"),
+        # The image has /proc, /sys, /dev, /tmp and /run, so they exist in the overlay.
         ("proc", f"{N}/proc", "proc", "defaults"),
         ("sysfs", f"{N}/sys", "sysfs", "defaults"),
         ("/dev", f"{N}/dev", "none", "rbind"),
@@ -95,9 +105,7 @@ def setup_code(mode: str) -> str:
         ("tmpfs", f"{N}/run", "tmpfs", "mode=0755"),
     ])
     return "\n".join([
-        *write_and_mount("root", first),
-        "mkdir /hshelper/rw/upper /hshelper/rw/work",
-        *write_and_mount("newroot", second),
+        *write_and_mount("newroot", table),
         f": >{quote(guestabi.NEWROOT_MARK)}",
         f"hsh_newroot={quote(N)}",
         f"hsh_chroot={quote(N)}",

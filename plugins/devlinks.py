@@ -10,7 +10,9 @@ database, and tools that would wait for udev told not to.
   they return. The build root's own udevadm would return at once ("Running in chroot,
   ignoring request"), so where it is installed hshelper's stand-in is bind-mounted over
   it for the run, and passes every other subcommand (info, ...) to the real one;
-  where none is installed, the stand-in is last on PATH, like the applets;
+  where none is installed, the stand-in is last on PATH, like the applets (``--mode
+  root`` shows the build root alone: no stand-in there; the watcher still makes the
+  links, only ``settle`` does not wait for it);
 - ``DM_DISABLE_UDEV=1`` in the command's environment: libdevmapper (dmsetup, kpartx,
   LVM, cryptsetup) makes its device nodes itself instead of waiting for udev.
 
@@ -66,7 +68,8 @@ def setup_code() -> str:
         "    done",
         "    IFS=$hsh_ifs",
         "fi",
-        'if [ -n "$hsh_udevadm" ]; then',
+        # Mode root shows the build root alone: no stand-in (nor REAL) in it to bind.
+        f'if [ -n "$hsh_udevadm" ] && [ -e "$hsh_newroot"{quote(REAL)} ]; then',
         # Bind mounts: the build root stays untouched, and each is one fstab line.
         f"    printf '%s none bind 0 0\\n' \"$hsh_newroot$hsh_udevadm $hsh_newroot{REAL}\""
         f" \"$hsh_newroot{STAND_IN} $hsh_newroot$hsh_udevadm\" >{fstab}",

@@ -229,6 +229,22 @@ def test_mode_root_runs_the_build_roots_own_programs(root):
     assert missing.returncode == 127
 
 
+@pytest.mark.parametrize("mode", ["image", "root"])
+def test_the_whole_command_root_can_be_walked(root, mode):
+    """Scripts walk the root (find /, tar -C /, du): no directory of hshelper's own in
+    it may fail to read (an overlay's upper directory under its lower one reads as
+    ELOOP), and what the command writes outside its shares stays in the VM. The build
+    root's own directories that the build user cannot read (/root) stay unreadable:
+    qemu's 9p server runs as that user."""
+    script = "echo x >/etc/hsh-walk && find / -xdev >/dev/null; cat /etc/hsh-walk"
+    proc = helper_run(root, "--mode", mode, "sh", "-c", script)
+    errors = proc.stderr.decode().splitlines()
+    assert errors and "find: '/root': Permission denied" in [e.replace("‘", "'").replace(
+        "’", "'") for e in errors], errors  # the walk got as far as the build root
+    assert [e for e in errors if "Permission denied" not in e] == []
+    assert proc.stdout == b"x\n" and not (root / "etc/hsh-walk").exists()
+
+
 @pytest.mark.parametrize("with_proc", [True, False])
 def test_hasher_like_root(root_factory, with_proc):
     """/dev with only null, zero and urandom; with /proc the cwd is shared and the
