@@ -2,8 +2,8 @@
 
     python3 bench/bench_arch.py [--rounds N] [--arch NAME ...] [--cpus]
 
-For each foreign test build root (arm64, ppc64el, s390x, riscv64; cached by
-tests/buildroots.py) and the x86_64 one: ``helper-run --sysroot ROOT true`` under TCG
+For each foreign test build root (arm64, ppc64el, s390x, riscv64, i386, armhf; cached
+by tests/buildroots.py) and the x86_64 one: ``helper-run --sysroot ROOT true`` under TCG
 (with saved states off: a cold boot, as a build's first step pays it), against the floor:
 the same kernel file as installed, booted raw by the same qemu with the machine table's
 machine and CPU model and a tiny initrd (busybox and an init that powers off). Rounds
@@ -37,13 +37,15 @@ from hshelper import cpio, elf, rootpath  # noqa: E402
 from hshelper.qemu import machines  # noqa: E402
 
 ROOTS = {"x86_64": "bookworm", "aarch64": "arm64", "ppc64le": "ppc64el", "s390x": "s390x",
-         "riscv64": "riscv64"}
+         "riscv64": "riscv64", "i686": "i386", "armv7l": "armhf"}
 CPU_CANDIDATES = {
     "aarch64": ["max", "max,pauth-impdef=on", "max,pauth=off", "cortex-a57"],
     "x86_64": ["max", "max,erms=off,fsrm=off"],
     "riscv64": ["rv64", "max"],
     "ppc64le": ["power9", "power10"],
     "s390x": ["max", "qemu"],
+    "i686": ["max", "max,erms=off,fsrm=off"],
+    "armv7l": ["cortex-a15", "max"],
 }
 
 

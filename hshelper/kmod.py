@@ -153,6 +153,16 @@ class ModuleTree:
                 return target
         return None
 
+    def providers(self, name: str) -> tuple[str, ...]:
+        """Every module that provides ``name``: itself, or all its alias targets, as
+        modprobe loads them all for an alias ("crc32c": the CPU's accelerated driver,
+        which may not load on this CPU, and the generic one)."""
+        name = canonical(name)
+        if name in self.paths or name in self.builtin:
+            return (name,)
+        return tuple(t for t in self.aliases.get(name, ())
+                     if t in self.paths or t in self.builtin)
+
     def dependencies(self, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(hard deps, soft pre-deps) of a loadable module."""
         if name not in self.deps:
@@ -432,8 +442,10 @@ def closure(tree: ModuleTree, wanted: Iterable[Wanted]) -> ModulePlan:
         hard, soft = tree.dependencies(name)
         mine = direct.setdefault(name, [])
         for dep in soft:
-            found = tree.lookup(dep)
-            if found:
+            providers = tree.providers(dep)
+            if any(p in tree.builtin for p in providers):
+                continue
+            for found in providers:
                 visit(found, (*chain, name))
                 mine.append(found)
         for dep in hard:

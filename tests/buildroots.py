@@ -95,6 +95,10 @@ RECIPES: dict[str, Recipe] = {
                       extra={"arch": "ppc64el"}),
     "s390x": Recipe(tuple(["linux-image-s390x", "busybox", *FOREIGN]),
                     extra={"arch": "s390x"}),
+    # 32-bit roots (the table's i686 and armv7l rows).
+    "i386": Recipe(tuple(["linux-image-686", "busybox", *FOREIGN]), extra={"arch": "i386"}),
+    "armhf": Recipe(tuple(["linux-image-armmp-lpae", "busybox", *FOREIGN]),
+                    extra={"arch": "armhf"}),
     # The arm64 system to put on a disk (issue 12's UEFI image), unpacked like the
     # build roots above; its initramfs made by its own mkinitramfs through qemu-user
     # (only the virtio, ext4 and vfat modules: seconds instead of minutes).

@@ -1,8 +1,8 @@
 """Helper VMs of other architectures, for real: Debian build roots for arm64, ppc64el,
-s390x (bookworm) and riscv64 (trixie), made on this x86_64 machine; hshelper runs on
-the host as the unprivileged build user with --sysroot ROOT and boots the root's own
-kernel under the host's qemu-system-ARCH (TCG); and for arm64, inside the root itself
-through qemu-user, with the root's own qemu."""
+s390x, i386, armhf (bookworm) and riscv64 (trixie), made on this x86_64 machine;
+hshelper runs on the host as the unprivileged build user with --sysroot ROOT and boots
+the root's own kernel under the host's qemu-system-ARCH (TCG); and for arm64, inside
+the root itself through qemu-user, with the root's own qemu."""
 
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 
-ARCHES = {"arm64": "aarch64", "ppc64el": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
+ARCHES = {"arm64": "aarch64", "ppc64el": "ppc64le", "s390x": "s390x", "riscv64": "riscv64",
+          "i386": "i686", "armhf": "armv7l"}
 QEMU = {"arm64": "qemu-system-aarch64", "ppc64el": "qemu-system-ppc64",
-        "s390x": "qemu-system-s390x", "riscv64": "qemu-system-riscv64"}
+        "s390x": "qemu-system-s390x", "riscv64": "qemu-system-riscv64",
+        "i386": "qemu-system-x86_64", "armhf": "qemu-system-arm"}
 
 
 # Beside the test roots, not in pytest's temporary directory (root's, and closed).

@@ -63,6 +63,27 @@ def test_closure_orders_dependencies_first(tmp_path):
     assert len(names) == len(set(names))
 
 
+def test_a_soft_dependency_brings_every_module_behind_its_alias(tmp_path):
+    # armhf: crc32_arm_ce provides crc32c but needs CPU instructions a guest may lack;
+    # modprobe would try both, so the image carries both (and the guest's modprobe
+    # succeeds when one of them loads).
+    t = tree(tmp_path,
+             "kernel/fs/ext4/ext4.ko:\n"
+             "kernel/arch/arm/crypto/crc32-arm-ce.ko:\n"
+             "kernel/crypto/crc32c_generic.ko:\n",
+             softdep="softdep ext4 pre: crc32c\n",
+             alias="alias crc32c crc32_arm_ce\nalias crc32c crc32c_generic\n")
+    plan = kmod.closure(t, wanted("ext4"))
+    assert plan.needs["ext4"] == ("crc32_arm_ce", "crc32c_generic", "ext4")
+
+
+def test_a_soft_dependency_built_into_the_kernel_brings_nothing(tmp_path):
+    t = tree(tmp_path, "kernel/fs/ext4/ext4.ko:\nkernel/crypto/crc32c_intel.ko:\n",
+             builtin="kernel/crypto/crc32c_generic.ko\n", softdep="softdep ext4 pre: crc32c\n",
+             alias="alias crc32c crc32c_intel\nalias crc32c crc32c_generic\n")
+    assert [n for n, _ in kmod.closure(t, wanted("ext4")).order] == ["ext4"]
+
+
 def test_missing_required_module_is_named(tmp_path):
     t = tree(tmp_path, "kernel/a.ko: kernel/b.ko\n")
     with pytest.raises(HshelperError, match="nosuch"):

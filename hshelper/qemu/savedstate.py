@@ -16,7 +16,7 @@ discarded when it fails to restore.
 Uniqueness: every restore starts from the same RNG state. The machine gets a ``vmgenid``
 device whose generation ID qemu renews at every incoming migration; Linux (5.18+, with
 CONFIG_VMGENID and ACPI) reseeds its RNG when it changes. Machines without it (no ACPI
-with a directly booted kernel: aarch64, riscv64, ppc64le, s390x here) and kernels
+with a directly booted kernel: aarch64, armv7l, riscv64, ppc64le, s390x here) and kernels
 without CONFIG_VMGENID never use saved states: they boot cold, always.
 """
 
