@@ -37,7 +37,8 @@ FOREIGN = ["dash", "coreutils", "util-linux", "mount", "fdisk", "e2fsprogs", "do
            "kmod", "zstd", "libc-bin"]
 # What real image scripts call besides the disk tools (tests/test_scripts.py).
 IMAGE_TOOLS = ["parted", "kpartx", "dmsetup", "lvm2", "cryptsetup-bin", "mdadm",
-               "squashfs-tools", "xorriso", "grub-pc-bin", "grub2-common", "udev"]
+               "squashfs-tools", "xorriso", "grub-pc-bin", "grub2-common", "udev",
+               "vmdb2", "zerofree"]
 
 
 @dataclass(frozen=True)

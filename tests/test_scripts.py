@@ -2,10 +2,11 @@
 
 Each script is plain sh or bash written for a root shell on an ordinary Debian system:
 losetup, parted, kpartx, mkfs, blkid, mount, tar, chroot into the new root, grub-install,
-LVM, LUKS, RAID, squashfs, ISO. Each runs as ``helper-run ./SCRIPT ARGS`` as the build
-user (uid 65534) in the bookworm-imagetools build root, in the default mode, with no
-``--with``, ``--module`` or ``--mode``; the result is checked on the host with real tools
-(sfdisk, fsck, debugfs, blkid, unsquashfs, xorriso, cryptsetup, booting with SeaBIOS).
+LVM, LUKS, RAID, squashfs, ISO; and Debian's vmdb2 image builder with a spec of its own.
+Each runs as ``helper-run ./SCRIPT ARGS`` as the build user (uid 65534) in the
+bookworm-imagetools build root, in the default mode, with no ``--with``, ``--module`` or
+``--mode``; the result is checked on the host with real tools (sfdisk, fsck, debugfs,
+blkid, unsquashfs, xorriso, cryptsetup, mtools, booting with SeaBIOS).
 """
 
 from __future__ import annotations
@@ -542,3 +543,81 @@ def test_fallocate_in_the_working_directory(tools):
     own(host / "alloc.sh").chmod(0o755)
     run_script(tools, work, "./alloc.sh")
     assert (host / "disk.img").stat().st_size == 16 << 20
+
+
+# A vmdb2 spec as its users write one: a GPT image with an ESP and a root, filled from a
+# root tarball (vmdb2 skips debootstrap when --rootfs-tarball names an existing one).
+VMDB2_SPEC = """\
+steps:
+  - mkimg: "{{ output }}"
+    size: 160M
+  - mklabel: gpt
+    device: "{{ output }}"
+  - mkpart: primary
+    device: "{{ output }}"
+    start: 1M
+    end: 33M
+    tag: efi
+  - mkpart: primary
+    device: "{{ output }}"
+    start: 33M
+    end: 100%
+    tag: root
+  - kpartx: "{{ output }}"
+  - mkfs: vfat
+    partition: efi
+  - mkfs: ext4
+    partition: root
+    label: vmdb2root
+  - mount: root
+  - mount: efi
+    mount-on: root
+    dirname: /boot/efi
+  - unpack-rootfs: root
+  - debootstrap: bookworm
+    mirror: http://deb.debian.org/debian
+    target: root
+    unless: rootfs_unpacked
+  - fstab: root
+  - chroot: root
+    shell: |
+      uname -m > /etc/made-in-chroot
+      ls /boot >> /etc/made-in-chroot
+  - shell: |
+      echo from-the-host-side > "$ROOT/boot/efi/note.txt"
+    root-fs: root
+"""
+
+
+def test_vmdb2_builds_an_image_from_its_spec(tools, tmp_path):
+    work, host = workdir(tools, "vmdb2")
+    own(chroot_tarball(tools, host / "root.tar"))
+    (host / "image.vmdb").write_text(VMDB2_SPEC)
+    own(host / "image.vmdb")
+    proc = helper_run(tools, work, "vmdb2", "--rootfs-tarball", "root.tar",
+                      "--output", "image.img", "--verbose", "image.vmdb")
+    assert proc.returncode == 0, output(proc)
+    assert "All went fine." in output(proc)
+    image = host / "image.img"
+    assert image.stat().st_uid == chroot.BUILD_UID
+    assert image.stat().st_size == 160 * 2**20
+
+    layout = imagecheck.layout(image)
+    assert layout.label == "gpt"
+    efi, root = layout.partitions
+    # parted's "33M" is 33 MB give or take half of one, aligned: 31 MiB.
+    assert (efi.start, root.start) == (2048, 31 * 2048)
+    efipart = imagecheck.extract(image, efi, tmp_path / "efi.fs")
+    rootpart = imagecheck.extract(image, root, tmp_path / "root.fs")
+    check_fs(efipart, "vfat")
+    check_fs(rootpart, "ext4")
+    efi_id, root_id = imagecheck.probe(efipart), imagecheck.probe(rootpart)
+    assert (efi_id["TYPE"], root_id["TYPE"], root_id["LABEL"]) == ("vfat", "ext4",
+                                                                   "vmdb2root")
+    fstab = imagecheck.ext_cat(rootpart, "/etc/fstab").split()
+    assert f"UUID={root_id['UUID']}" in fstab and f"UUID={efi_id['UUID']}" in fstab
+    # The chroot step ran the tarball's own programs; /boot/efi was mounted in it.
+    assert imagecheck.ext_cat(rootpart, "/etc/made-in-chroot").split() == ["x86_64", "efi"]
+    note = subprocess.run(["mtype", "-i", str(efipart), "::note.txt"], capture_output=True,
+                          text=True, check=True).stdout
+    assert note == "from-the-host-side\n"
