@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hshelper import __version__, cache, cpio, elf, guestabi, kmod, rootpath, runner
+from hshelper import __version__, cache, cpio, elf, guestabi, kmod, packages, rootpath, runner
 from hshelper.errors import HshelperError
 from hshelper.model import Contents, ImageResult, Program
 from hshelper.qemu.machines import Choice
@@ -346,8 +346,9 @@ def plan_image(host, sysroot: Sysroot, config,
             else:
                 optional[prog.name] = real
         elif prog.required:
-            raise HshelperError(f"program {prog.name} is not installed in the build root "
-                                f"{sysroot.root}", hint="install the package that provides it")
+            raise HshelperError(
+                f"program {prog.name} is not installed in the build root {sysroot.root}",
+                hint=packages.install_hint(prog.name, sysroot.os_release))
         else:
             missing.append(prog.name)
     for file in contents.files:

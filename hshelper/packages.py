@@ -37,6 +37,11 @@ TOOLS: dict[str, dict[str, str]] = {
     "mtools": {"debian": "mtools"}, "mcopy": {"debian": "mtools"},
     "extlinux": {"debian": "extlinux", "fedora": "syslinux-extlinux"},
     "python3": {"debian": "python3"}, "perl": {"debian": "perl"},
+    # The image's base programs (a minimal root may lack them: mmdebstrap's apt variant).
+    "mount": {"debian": "mount", "fedora": "util-linux-core", "altlinux": "util-linux"},
+    "umount": {"debian": "mount", "fedora": "util-linux-core", "altlinux": "util-linux"},
+    "tar": {"debian": "tar"}, "chroot": {"debian": "coreutils", "altlinux": "coreutils"},
+    "cpio": {"debian": "cpio"}, "busybox": {"debian": "busybox"},
 }
 FIND_OUT = {"debian": "apt-file search", "fedora": "dnf provides",
             "altlinux": "apt-cache search", "suse": "zypper search --provides"}
