@@ -3,11 +3,12 @@
     python3 bench/bench_arch.py [--rounds N] [--arch NAME ...] [--cpus]
 
 For each foreign test build root (arm64, ppc64el, s390x, riscv64, i386, armhf; cached
-by tests/buildroots.py) and the x86_64 one: ``helper-run --sysroot ROOT true`` under TCG
-(with saved states off: a cold boot, as a build's first step pays it), against the floor:
+by tests/buildroots.py) and the x86_64 one: ``helper-run --sysroot ROOT true`` under TCG,
+booted (saved states off: a cold boot, as a build's first step pays it) and restored from
+its saved VM state (every later step), against the floor:
 the same kernel file as installed, booted raw by the same qemu with the machine table's
 machine and CPU model and a tiny initrd (busybox and an init that powers off). Rounds
-alternate candidate and floor; medians and their ratio are reported (goal <= 1.0x).
+alternate candidates and floor; medians and their ratios are reported (goal <= 1.0x).
 
 ``--cpus`` also times the floor with each candidate TCG CPU model of an architecture,
 which is how the machine table's choice was made (aarch64: pointer authentication is
@@ -96,20 +97,24 @@ def bench_arch(arch: str, rounds: int, cpus: bool) -> dict:
     kernel = sorted((root / "boot").glob("vmlinu*"))[-1]
     with tempfile.TemporaryDirectory(prefix="hshelper-bench-arch-") as tmp:
         work = Path(tmp)
-        env = dict(os.environ, XDG_CACHE_HOME=str(work / "cache"),
-                   HSHELPER_RUN_SAVED_STATES="0")
+        cold_env = dict(os.environ, XDG_CACHE_HOME=str(work / "cache"),
+                        HSHELPER_RUN_SAVED_STATES="0")
+        warm_env = dict(cold_env, HSHELPER_RUN_SAVED_STATES="1")
         run = [tool("helper-run"), "--sysroot", str(root), "--accel", "tcg",
                "--no-share-cwd", "-q", "true"]
-        subprocess.run(run, check=True, env=env, cwd=work)  # build the image once
+        subprocess.run(run, check=True, env=cold_env, cwd=work)  # build the image once
+        subprocess.run(run, check=True, env=warm_env, cwd=work)  # and save the VM state
         tiny_initrd(root, work / "tiny.cpio")
         floor = floor_argv(machine, kernel, work / "tiny.cpio", machine.tcg_cpu)
-        ours, raw = [], []
+        ours, restored, raw = [], [], []
         for _ in range(rounds):
-            ours.append(timed(run, env=env, cwd=work))
+            ours.append(timed(run, env=cold_env, cwd=work))
+            restored.append(timed(run, env=warm_env, cwd=work))
             raw.append(timed(floor))
         result = {"arch": arch, "cpu": machine.tcg_cpu, "run_true_s": statistics.median(ours),
-                  "floor_s": statistics.median(raw)}
+                  "restored_s": statistics.median(restored), "floor_s": statistics.median(raw)}
         result["ratio"] = result["run_true_s"] / result["floor_s"]
+        result["restored_ratio"] = result["restored_s"] / result["floor_s"]
         if cpus:
             result["floor_by_cpu_s"] = {}
             for cpu in CPU_CANDIDATES.get(arch, []):
@@ -132,8 +137,9 @@ def main() -> int:
     for arch in args.arch or list(ROOTS):
         r = bench_arch(arch, args.rounds, args.cpus)
         results.append(r)
-        print(f"{arch:8} helper-run true {r['run_true_s']:.2f} s = {r['ratio']:.2f}x the raw "
-              f"boot of the same kernel ({r['floor_s']:.2f} s, -cpu {r['cpu']}); goal <= 1.0x",
+        print(f"{arch:8} helper-run true booted {r['run_true_s']:.2f} s = {r['ratio']:.2f}x, "
+              f"restored {r['restored_s']:.2f} s = {r['restored_ratio']:.2f}x the raw boot of "
+              f"the same kernel ({r['floor_s']:.2f} s, -cpu {r['cpu']}); goal <= 1.0x",
               flush=True)
         for cpu, seconds in r.get("floor_by_cpu_s", {}).items():
             took = f"{seconds:.2f} s" if seconds is not None else "does not boot"

@@ -7,9 +7,10 @@ key covers the init's text, so old images are never booted by new code.
 Channels are virtio-serial ports named ``org.hshelper.<port>``:
 
 - ``control``, both ways. The guest writes one line per event: ``ready`` (booted, waiting
-  for its orders: a saved VM state is taken exactly here), ``started`` (the command
-  begins), ``status N`` (its exit status). The host answers ``ready`` with the run
-  script: a line ``script SIZE`` and SIZE bytes of POSIX shell, which the init sources.
+  for its orders: a saved VM state is taken exactly here, unless it says ``ready
+  nosave``), ``started`` (the command begins), ``status N`` (its exit status). The host
+  answers ``ready`` with the run script: a line ``script SIZE`` and SIZE bytes of POSIX
+  shell, which the init sources.
 - ``stdout``, ``stderr``: the command's output, to the host.
 - ``stdin``: the host's stdin, to the command (when it is forwarded).
 
@@ -26,6 +27,9 @@ PORTS = (CONTROL, STDOUT, STDERR, STDIN)
 # Lines the guest writes on the control port ("error TEXT": the init itself failed,
 # before "status 125").
 READY, STARTED, STATUS, ERROR = "ready", "started", "status", "error"
+# "ready nosave": a guest that could not reseed its RNG (hshelper/reseed.py) at boot would
+# not after a restore either, so no state of it is saved.
+NOSAVE = "nosave"
 # The host's answer to READY: "script SIZE\n" then SIZE bytes.
 SCRIPT = "script"
 
@@ -36,6 +40,7 @@ RUN_SCRIPT = "/hshelper/run/run.sh"  # the run script, as received
 ROOT_DIR = "/hshelper/root"  # the build root's share (read-only)
 NEWROOT = "/hshelper/newroot"  # the command's root: the image over the build root
 NEWROOT_MARK = "/hshelper/run/newroot"  # exists once NEWROOT is ready (for modprobe)
+RESEED = "/hshelper/reseed"  # the RNG reseed program, on machines without vmgenid
 
 # Shell variables and functions the init defines for the run script and plugin steps.
 SHELL_NAMES = {

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hshelper import argtypes, cache, elf, guestrun, initrd, packages
+from hshelper import argtypes, cache, elf, guestrun, initrd, packages, reseed
 from hshelper.config import Layer
 from hshelper.errors import HshelperError
 from hshelper.model import Accel, ImageResult, RunResult, RunSpec
@@ -211,15 +211,22 @@ def find_command(spec: RunSpec, sysroot: Sysroot) -> RunSpec:
 def saved_state_dir(config, spec: RunSpec, image, machine: Machine,
                     kconfig: dict[str, str]) -> Path | None:
     """The saved states' directory when this run can use one (its machine then gets the
-    fixed shape of share and disk slots), else None: saved states off, a machine or
-    kernel without vmgenid (restores would share their RNG state), a kernel with
+    fixed shape of share and disk slots), else None: saved states off, a kernel without
+    vmgenid on a machine that relies on it, or one without RNDRESEEDCRNG on a machine
+    that reseeds by itself (restores would share their RNG state), a kernel with
     virtio_blk built in (its driver would bind the placeholder disks before the save),
-    or more disks or shares than there are slots."""
-    if not config.get("run", "saved_states") or not machine.vmgenid:
+    disks on a machine that cannot restore with them, or more disks or shares than
+    there are slots."""
+    if not config.get("run", "saved_states"):
         return None
-    if kconfig and kconfig.get("CONFIG_VMGENID") != "y":
+    if machine.vmgenid:
+        if kconfig and kconfig.get("CONFIG_VMGENID") != "y":
+            return None
+    elif not (reseed.supported(machine.arch) and reseed.kernel_has_it(image.kernel_version)):
         return None
     if "virtio_blk" in image.features and "virtio_blk" not in image.modules:
+        return None
+    if spec.disks and not machine.restore_with_disks:
         return None
     shares = [s for s in spec.shares if s.automount]
     if len(spec.disks) > savedstate.DISK_SLOTS or len(shares) > savedstate.SHARE_SLOTS:
@@ -360,7 +367,7 @@ def plan_vm(host, spec: RunSpec, config, image: ImageResult, target: Target,
     for extra in reversed(host.hook.hshelper_qemu_args(spec=spec, image=image, accel=accel,
                                                        machine=machine)):
         devices += extra or []
-    if slot_dir:
+    if slot_dir and machine.vmgenid:
         # A new generation ID at every restore: the guest kernel reseeds its RNG.
         devices += ["-device", "vmgenid,guid=auto"]
     steps: list[tuple[str, str]] = []

@@ -1,7 +1,8 @@
 """The base guest: init, shell, mount, insmod, device nodes and the base module list.
 
-Contributes /init (hshelper/guest/init) and the on-demand module loader
-(hshelper/guest/modprobe), the programs the init itself runs, the everyday
+Contributes /init (hshelper/guest/init), the on-demand module loader
+(hshelper/guest/modprobe), the RNG reseed program on machines without vmgenid
+(hshelper/reseed.py), the programs the init itself runs, the everyday
 utilities a recipe script expects (busybox applets where busybox is installed, coreutils
 and friends otherwise), /dev/console and /dev/null in the archive, and the modules of
 kernel-modules.lst plus image.module_lists and image.modules. Config: image.programs.
@@ -12,7 +13,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from hshelper import kmod
+from hshelper import kmod, reseed
 from hshelper.hookspecs import hookimpl
 from hshelper.model import Contents, Device, File, Program
 from hshelper.qemu import machines
@@ -66,11 +67,15 @@ def hshelper_image_contents(config, machine):
     programs += [Program(p, prefer_applet=p not in REAL_PROGRAMS, essential=p != "bash")
                  for p in UTILITIES]
     programs += [Program(p, required=True, applet=False) for p in config.get("image", "programs")]
+    files = [File("/init", data=init, mode=0o755),
+             File("/hshelper/modprobe", data=modprobe, mode=0o755)]
+    if not machine.vmgenid and reseed.supported(machine.arch):
+        # A restored guest of this machine reseeds its RNG itself (no vmgenid here).
+        files.append(File(reseed.GUEST_PATH, data=reseed.program(machine.arch), mode=0o755))
     return Contents(
         modules=base_modules(config, machine),
         programs=tuple(programs),
-        files=(File("/init", data=init, mode=0o755),
-               File("/hshelper/modprobe", data=modprobe, mode=0o755)),
+        files=tuple(files),
         directories=DIRECTORIES,
         devices=(Device("/dev/console", "c", 5, 1), Device("/dev/null", "c", 1, 3, 0o666)),
     )

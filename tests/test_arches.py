@@ -6,6 +6,7 @@ the root itself through qemu-user, with the root's own qemu."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +16,8 @@ import buildroots
 import chroot
 import imagecheck
 import pytest
+
+from hshelper.qemu import machines
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 
@@ -62,15 +65,23 @@ def test_build_and_a_disk_job_in_the_roots_architecture(name, staged, home):
     info = chroot.run_host(staged, "hshelper", ["info", "--sysroot", str(root)], home, home)
     assert info.returncode == 0, info.stderr.decode()
     assert f"guest architecture: {ARCHES[name]}" in info.stdout.decode()
+    # The first run boots and saves the VM state; the disk job (where the machine allows)
+    # and the run after it are restored from it (machines without vmgenid reseed the
+    # guest's RNG themselves).
+    uuids = [random_uuid(staged, root, home, "saved")]
     script = ("uname -m; printf 'label: gpt\\n,,L\\n' | sfdisk -q $HSHELPER_DISK_OUT && "
               "mkfs.ext4 -q -L arch ${HSHELPER_DISK_OUT}1 && mkdir -p /mnt/t && "
               "mount ${HSHELPER_DISK_OUT}1 /mnt/t && uname -m > /mnt/t/written-by && "
               "cat /mnt/t/written-by && umount /mnt/t")
     run = chroot.run_host(staged, "helper-run",
                           ["--sysroot", str(root), "--disk", "out.img,size=64M,name=out",
-                           "sh", "-c", script], home, home)
+                           "--report", "disk.json", "sh", "-c", script], home, home)
     assert run.returncode == 0, run.stderr.decode()
     assert run.stdout.decode().split() == [ARCHES[name], ARCHES[name]]
+    restores = machines.lookup(ARCHES[name]).restore_with_disks
+    assert started(home / "disk.json") == expected_start("restored" if restores else "booted")
+    uuids.append(random_uuid(staged, root, home, "restored"))
+    assert uuids[0] != uuids[1], "two runs from one saved state drew the same random UUID"
     image = home / "out.img"
     assert image.stat().st_uid == chroot.BUILD_UID
     dump = subprocess.run(["sfdisk", "--json", str(image)], capture_output=True, text=True,
@@ -85,6 +96,24 @@ def test_build_and_a_disk_job_in_the_roots_architecture(name, staged, home):
     cat = subprocess.run(["debugfs", "-R", "cat /written-by", str(part)],
                          capture_output=True, text=True)
     assert cat.stdout == f"{ARCHES[name]}\n"
+
+
+def started(report: Path) -> str:
+    return json.loads(report.read_text())["timings"]["start"]
+
+
+def expected_start(restored: str) -> str:
+    """How a run starts: as given, or "booted" with saved states switched off."""
+    return "booted" if os.environ.get("HSHELPER_RUN_SAVED_STATES") == "0" else restored
+
+
+def random_uuid(staged: Path, root: Path, home: Path, start: str) -> str:
+    run = chroot.run_host(staged, "helper-run",
+                          ["--sysroot", str(root), "--report", "uuid.json",
+                           "cat", "/proc/sys/kernel/random/uuid"], home, home)
+    assert run.returncode == 0, run.stderr.decode()
+    assert started(home / "uuid.json") == expected_start(start)
+    return run.stdout.decode().strip()
 
 
 def test_inside_the_arm64_root_through_qemu_user(home):

@@ -16,8 +16,9 @@ discarded when it fails to restore.
 Uniqueness: every restore starts from the same RNG state. The machine gets a ``vmgenid``
 device whose generation ID qemu renews at every incoming migration; Linux (5.18+, with
 CONFIG_VMGENID and ACPI) reseeds its RNG when it changes. Machines without it (no ACPI
-with a directly booted kernel: aarch64, armv7l, riscv64, ppc64le, s390x here) and kernels
-without CONFIG_VMGENID never use saved states: they boot cold, always.
+with a directly booted kernel: aarch64, armv7l, riscv64, ppc64le, s390x here) reseed by
+themselves with hshelper.reseed's program; x86 kernels without CONFIG_VMGENID, and
+kernels older than 4.17 elsewhere, never use saved states: they boot cold, always.
 """
 
 from __future__ import annotations

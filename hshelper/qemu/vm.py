@@ -85,10 +85,13 @@ class RestoreFailed(Exception):
 
 def restore_prelude(now: float, entropy: bytes) -> bytes:
     """Run-script lines for a restored guest: its clock (it stood still since the save)
-    and fresh bytes for its RNG pool (vmgenid has reseeded it; these cost nothing)."""
+    and fresh bytes for its RNG pool, then, on a machine without vmgenid (which has
+    reseeded the RNG by itself elsewhere), the reseed from that pool."""
     octal = "".join(f"\\{b:03o}" for b in entropy)
     return (f"date -s @{int(now)} >/dev/null 2>&1\n"
-            f"printf '{octal}' >/dev/urandom\n").encode()
+            f"printf '{octal}' >/dev/urandom\n"
+            f"[ ! -x {guestabi.RESEED} ] || {guestabi.RESEED} </dev/urandom ||\n"
+            f"    hsh_fail 'the RNG reseed after the restore failed'\n").encode()
 
 
 class VM:
@@ -238,7 +241,9 @@ class VM:
                 continue
             if words[0] == guestabi.READY and not self._ready:
                 self._ready = True
-                if self.save_to is not None:
+                if self.save_to is not None and guestabi.NOSAVE in words[1:]:
+                    self.state_note = "the guest could not reseed its RNG: no state saved"
+                elif self.save_to is not None:
                     self._save()
                 self._send_script()
             elif words[0] == guestabi.STARTED and self._started is None:
