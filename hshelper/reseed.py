@@ -17,6 +17,7 @@ around them.
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 
@@ -130,10 +131,5 @@ def program(arch: str) -> bytes:
 
 def kernel_has_it(kernel_version: str) -> bool:
     """Whether a kernel of this version ("6.1.0-13-arm64") has RNDRESEEDCRNG."""
-    numbers = []
-    for part in kernel_version.split("-")[0].split(".")[:2]:
-        digits = "".join(c for c in part if c.isdigit()) if part else ""
-        if not digits:
-            return False
-        numbers.append(int(digits))
-    return tuple(numbers) >= MIN_KERNEL
+    match = re.match(r"(\d+)\.(\d+)", kernel_version)
+    return bool(match) and (int(match[1]), int(match[2])) >= MIN_KERNEL
