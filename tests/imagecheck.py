@@ -24,6 +24,7 @@ OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
 # UEFI for aarch64 (Debian's qemu-efi-aarch64), and the machine that boots it.
 AAVMF_CODE = Path("/usr/share/AAVMF/AAVMF_CODE.fd")
+UBOOT_ARM64 = Path("/usr/lib/u-boot/qemu_arm64/u-boot.bin")  # u-boot-qemu
 AAVMF_VARS = Path("/usr/share/AAVMF/AAVMF_VARS.fd")
 MARKER = "HSHELPER-MARKER"
 # The booted image's init (init=/usr/local/sbin/marker): prove the root, the fstab and
@@ -138,11 +139,18 @@ def target_tarball(source_root: Path, dest: Path, exclude: tuple[str, ...] = ())
 
 def boot(image: Path, firmware: str, log: Path, timeout: float = 600,
          fmt: str = "raw", arch: str = "x86_64") -> str:
-    """Boot ``image`` under TCG with UEFI (OVMF; AAVMF for aarch64) or legacy BIOS
-    (SeaBIOS); return the serial console's text once the guest powered off (or the
+    """Boot ``image`` under TCG with UEFI (OVMF; AAVMF for aarch64), legacy BIOS
+    (SeaBIOS) or, on aarch64, U-Boot (its distro boot reads extlinux.conf, as on
+    boards); return the serial console's text once the guest powered off (or the
     timeout passed)."""
     with tempfile.TemporaryDirectory() as tmp:
-        if arch == "aarch64":
+        if arch == "aarch64" and firmware == "u-boot":
+            argv = ["qemu-system-aarch64", "-machine", "virt,accel=tcg",
+                    "-cpu", "max,pauth=off", "-m", "512", "-display", "none", "-no-reboot",
+                    "-serial", f"file:{log}", "-bios", str(UBOOT_ARM64),
+                    "-drive", f"file={image},format={fmt},if=none,id=d,snapshot=on",
+                    "-device", "virtio-blk-pci,drive=d"]
+        elif arch == "aarch64":
             vars_copy = Path(tmp) / "vars.fd"
             shutil.copy(AAVMF_VARS, vars_copy)
             argv = ["qemu-system-aarch64", "-machine", "virt,accel=tcg",

@@ -163,3 +163,34 @@ def test_an_aarch64_image_by_the_recipe_boots_with_uefi(staged, home):
     lines = imagecheck.marker_lines(console)
     assert lines and lines[-1] == f"{imagecheck.MARKER} done", console[-3000:]
     assert any("esp BOOTAA64.EFI" in line for line in lines), lines
+
+
+def test_an_aarch64_board_image_by_the_mbr_recipe_boots_with_u_boot(staged, home):
+    """recipes/mkimage-mbr.sh for aarch64: an MBR image with one bootable root partition
+    and /boot/extlinux/extlinux.conf, which U-Boot's distro boot reads on boards; booted
+    under qemu-system-aarch64 with U-Boot (u-boot-qemu) to its marker."""
+    root = foreign_root("arm64")
+    if not imagecheck.UBOOT_ARM64.exists():
+        pytest.skip("no U-Boot for qemu's arm64 board (install u-boot-qemu)")
+    target = buildroots.ensure_root("target-arm64")
+    tarball = imagecheck.target_tarball(target, home / "root.tar",
+                                        exclude=("./lib/modules", "./usr/share"))
+    os.chown(tarball, chroot.BUILD_UID, chroot.BUILD_UID)
+    proc = chroot.run_host(staged, "helper-run",
+                           ["--sysroot", str(root), "--recipe", "mkimage-mbr", "--size", "1G",
+                            "--append", "init=/usr/local/sbin/marker", "root.tar",
+                            "disk.img"], home, home, timeout=1200)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    image = home / "disk.img"
+    layout = imagecheck.layout(image)
+    assert layout.label == "dos"
+    (rootpart,) = layout.partitions
+    assert rootpart.bootable
+    part = imagecheck.extract(image, rootpart, home / "root.fs")
+    conf = imagecheck.ext_cat(part, "/boot/extlinux/extlinux.conf")
+    assert "console=ttyAMA0" in conf and "init=/usr/local/sbin/marker" in conf, conf
+    part.unlink()
+    console = imagecheck.boot(image, "u-boot", home / "console.log", arch="aarch64",
+                              timeout=900)
+    lines = imagecheck.marker_lines(console)
+    assert lines and lines[-1] == f"{imagecheck.MARKER} done", console[-3000:]
