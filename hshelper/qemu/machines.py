@@ -61,10 +61,11 @@ class Machine:
     # qemu's vmgenid reaches the kernel (ACPI); without it a restored guest reseeds its
     # RNG by itself (hshelper.reseed)
     vmgenid: bool = False
-    # Runs with disks may restore a saved state. Not on ppc64le and riscv64: there a
-    # restored guest hangs (busy) once sfdisk has written a partition table and tells
-    # the kernel, when the disk's size differs from the slot's at the save (dd, BLKPG
-    # and re-reading a table alone are fine); such runs boot.
+    # Runs with disks may go through a saved state (saving one, or restored from one).
+    # Not on ppc64le and riscv64 with QEMU 7.2: there a guest that went through a save
+    # hangs, busy, once sfdisk has written a partition table to a virtio disk and tells
+    # the kernel (dd, BLKPG or a table re-read alone are fine, and so is sfdisk on a loop
+    # device); runs with disks boot there, and save nothing.
     restore_with_disks: bool = True
     why: str = ""  # the reasoning behind the less obvious choices, for `hshelper info`
 
