@@ -121,6 +121,34 @@ def test_a_state_that_does_not_load_is_removed_and_the_run_boots(root):
     assert "saved the VM state" in err  # and a good one replaces it
 
 
+# A guest whose RNG reseed fails at boot (hshelper/reseed.py's program, stood in for by
+# a script that fails as the ioctl would on a kernel without RNDRESEEDCRNG).
+FAILING_RESEED = b"""\
+from hshelper.hookspecs import hookimpl
+from hshelper.model import Contents, File
+
+
+@hookimpl
+def hshelper_image_contents():
+    return Contents(files=(File("/hshelper/reseed", data=b"#!/bin/sh\\nexit 25\\n",
+                                mode=0o755),))
+"""
+
+
+def test_a_guest_that_cannot_reseed_saves_no_state(root):
+    fresh(root)
+    work = chroot.fresh_dir(root, "noreseed")
+    host = root / work.lstrip("/")
+    (host / "noreseed.py").write_bytes(FAILING_RESEED)
+    (host / "hshelper.toml").write_text('[plugins]\nload = ["noreseed.py"]\n')
+    for _ in range(2):
+        out, err = run_ok(root, "sh", "-c", "echo still-runs", cwd=work)
+        assert out == "still-runs\n"
+        assert "could not reseed its RNG: no state saved" in err, err
+        assert "restored" not in err
+    assert state_files(root) == []
+
+
 def test_another_qemu_or_memory_size_never_loads_the_state(root):
     fresh(root)
     run_ok(root, "true")
