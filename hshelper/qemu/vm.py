@@ -85,8 +85,9 @@ class RestoreFailed(Exception):
 
 def restore_prelude(now: float, entropy: bytes) -> bytes:
     """Run-script lines for a restored guest: its clock (it stood still since the save)
-    and fresh bytes for its RNG pool, then, on a machine without vmgenid (which has
-    reseeded the RNG by itself elsewhere), the reseed from that pool."""
+    and fresh bytes for its RNG pool; then, where the image has hshelper.reseed's
+    program (machines without vmgenid, whose kernel would not reseed by itself), the
+    reseed from that pool."""
     octal = "".join(f"\\{b:03o}" for b in entropy)
     return (f"date -s @{int(now)} >/dev/null 2>&1\n"
             f"printf '{octal}' >/dev/urandom\n"
