@@ -78,19 +78,25 @@ def test_stdin_heredoc_and_environment(root):
     assert proc.stdout == b"[unset]\n"
 
 
-def test_live_output_arrives_before_the_end(root):
-    """The first line must be on the host while the command still runs."""
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_live_output_arrives_before_the_end(root, stream):
+    """The first line must be on the host while the command still runs, on either
+    stream (-q: no heartbeat lines on stderr)."""
+    to = "" if stream == "stdout" else " >&2"
     argv = ["chroot", f"--userspec={chroot.BUILD_UID}:{chroot.BUILD_UID}", str(root),
             "/usr/bin/env", "-i", f"HOME={chroot.HOME}", "PATH=/usr/local/bin:/usr/bin:/bin",
-            "/bin/sh", "-c", f"cd {chroot.HOME} && exec helper-run sh -c "
-            "'echo first; sleep 6; echo second'"]
+            "/bin/sh", "-c", f"cd {chroot.HOME} && exec helper-run -q sh -c "
+            f"'echo first{to}; sleep 6; echo second{to}'"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = proc.stdout.readline()
+    pipe, other = (proc.stdout, proc.stderr) if stream == "stdout" else (proc.stderr,
+                                                                          proc.stdout)
+    first = pipe.readline()
     got_first = time.monotonic()
-    rest = proc.stdout.read()
+    rest = pipe.read()
     ended = time.monotonic()
     proc.wait(timeout=120)
     assert first == b"first\n" and rest == b"second\n"
+    assert other.read() == b""
     assert ended - got_first > 4  # the first line came while `sleep 6` still ran
 
 
