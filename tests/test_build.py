@@ -102,6 +102,12 @@ def test_every_image_boots_and_loads_its_modules(root_factory, name, tmp_path):
     text = next(config).read_text()
     if "CONFIG_BLK_DEV_LOOP=m" in text:
         assert "loop" not in loaded  # not at boot: on demand, when mount asked for it
+    # Whatever the kernel's compression (xz in 6.1, zstd in 6.12, lz4 in the cloud
+    # flavour), it was unpacked and booted through its PVH entry.
+    info = subprocess.run([str(Path(sys_hshelper())), "info", "--sysroot", str(root)],
+                          capture_output=True, text=True, env=host_env(tmp_path), timeout=120)
+    boot = [line for line in info.stdout.splitlines() if line.startswith("boot kernel:")]
+    assert len(boot) == 1 and "/vmlinux (" in boot[0] and "PVH entry" in boot[0], info.stdout
 
 
 def test_same_inputs_same_bytes(bookworm, tmp_path):
