@@ -153,6 +153,8 @@ def test_unreadable_kernel_says_how_to_fix(bookworm, tmp_path):
         assert proc.returncode == 125
         err = proc.stderr.decode()
         assert "not readable" in err and "chmod a+r" in err
+        assert f"/boot/{kernel.name}" in err  # the file to fix, by its name in the root
+        assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
     finally:
         kernel.chmod(mode)
 

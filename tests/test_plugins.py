@@ -48,6 +48,19 @@ def manifest_paths(root: Path, guest: str, *extra: str) -> set[str]:
     return {json.loads(line)["path"] for line in lines}
 
 
+def test_disabling_by_config_and_the_essential_plugins(root):
+    """[plugins] disable in ./hshelper.toml drops a plugin's contributions as -p no: does;
+    core, kernel and base refuse to go, in one line, exit 2."""
+    guest, host = in_root(root, "disable-config")
+    (host / "hshelper.toml").write_text('[plugins]\ndisable = ["disktools"]\n')
+    assert "/usr/sbin/sfdisk" not in manifest_paths(root, guest)
+    for name in ("core", "kernel", "base"):
+        proc = chroot.run(root, ["hshelper", "build", "-p", f"no:{name}"], cwd=guest)
+        err = proc.stderr.decode()
+        assert proc.returncode == 2, err
+        assert f"plugin {name} cannot be disabled" in err and len(err.splitlines()) == 1, err
+
+
 def test_disabling_a_builtin_changes_the_image(root):
     guest, _ = in_root(root, "disable")
     full = manifest_paths(root, guest)
