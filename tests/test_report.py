@@ -80,6 +80,8 @@ def check_artifacts(data: dict, host_dir: Path) -> None:
         path = host_dir / art["path"]
         assert path.stat().st_size == art["size"], art
         assert hashlib.sha256(path.read_bytes()).hexdigest() == art["sha256"], art
+        assert art["absolute_path"] == os.path.join(data["cwd"], art["path"]), art
+        assert art["allocated"] == path.stat().st_blocks * 512, art
 
 
 def accelerator(root) -> str:
@@ -159,3 +161,27 @@ def test_report_of_a_skipped_run_and_from_the_environment(root):
     assert data["skipped"] and data["status"] == 0 and data["ok"]
     assert data["reason"].startswith("skipped: no working KVM")
     assert data["accelerator"]["name"] == "tcg" and data["artifacts"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+def test_report_after_a_timeout_and_after_a_panic(root):
+    """Written when hshelper chose the status too, with its reason; the VM's size and
+    the kernel booted as given."""
+    work = chroot.fresh_dir(root, "report-bad-ends")
+    host = root / work.lstrip("/")
+    version = sorted(p.name for p in (root / "lib/modules").iterdir())[-1]
+    proc = helper_run(root, work, "--report", "timeout.json", "--timeout", "3",
+                      "--memory", "300", "--cpus", "1", "sh", "-c", "sleep 100")
+    assert proc.returncode == 124, proc.stderr.decode()
+    data = json.loads((host / "timeout.json").read_text())
+    assert data["schema"] == 1 and data["status"] == 124 and not data["ok"]
+    assert data["reason"].startswith("timed out"), data["reason"]
+    assert (data["memory_mb"], data["cpus"]) == (300, 1)
+    assert data["kernel"] == {"version": version, "image": f"/boot/vmlinuz-{version}"}
+    proc = helper_run(root, work, "--report", "panic.json", "sh", "-c",
+                      "echo c > /proc/sysrq-trigger")
+    assert proc.returncode == 125, proc.stderr.decode()
+    data = json.loads((host / "panic.json").read_text())
+    assert data["status"] == 125 and not data["ok"]
+    assert "panic" in data["reason"], data["reason"]
