@@ -285,6 +285,17 @@ def test_no_quiet_shows_the_boot_messages(root):
     assert quiet.returncode == 0 and b"Linux version" not in quiet.stderr
 
 
+def test_verbose_streams_the_kernel_log(root):
+    """-v: the kernel's console on stderr (what the kernel logs at its console level,
+    here a critical line the command writes to /dev/kmsg); without -v, none of it."""
+    note = ["sh", "-c", "printf '<2>hsh-%s\\n' kernel-note >/dev/kmsg"]
+    verbose = chroot.run(root, ["helper-run", "-v", *note])
+    assert verbose.returncode == 0, verbose.stderr.decode()
+    assert b"hsh-kernel-note" in verbose.stderr
+    plain = chroot.run(root, ["helper-run", *note])
+    assert plain.returncode == 0 and b"hsh-kernel-note" not in plain.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.vm
 def test_heredoc_and_shell_text(root):
