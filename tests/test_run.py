@@ -182,7 +182,9 @@ def test_loop_device_round_trip(root):
 qemu_pids = chroot.qemu_pids
 
 
-def test_sigterm_leaves_no_qemu_and_no_temp_files(root):
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+                         ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_leaves_no_qemu_and_no_temp_files(root, sig, status):
     before = set(os.listdir(root / "tmp"))
     argv = ["chroot", f"--userspec={chroot.BUILD_UID}:{chroot.BUILD_UID}", str(root),
             "/usr/bin/env", "-i", f"HOME={chroot.HOME}", "PATH=/usr/local/bin:/usr/bin:/bin",
@@ -192,8 +194,8 @@ def test_sigterm_leaves_no_qemu_and_no_temp_files(root):
     assert proc.stdout.readline() == b"started\n"
     assert qemu_pids(root), "qemu should be running now"
     # chroot execs helper-run, so proc.pid is helper-run itself.
-    os.kill(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=30) == 143
+    os.kill(proc.pid, sig)
+    assert proc.wait(timeout=30) == status
     deadline = time.monotonic() + 10
     while qemu_pids(root) and time.monotonic() < deadline:
         time.sleep(0.2)
