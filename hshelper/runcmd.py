@@ -208,6 +208,22 @@ def find_command(spec: RunSpec, sysroot: Sysroot) -> RunSpec:
                         hint=packages.install_hint(name, sysroot.os_release))
 
 
+def restores_unsafe(machine: Machine, kernel_version: str,
+                    kconfig: dict[str, str]) -> str | None:
+    """Why restores of this machine and kernel would share one RNG state (so saved
+    states are never used for them), or None: x86 relies on vmgenid in the kernel, the
+    other machines on hshelper.reseed's program and RNDRESEEDCRNG."""
+    if machine.vmgenid:
+        if kconfig and kconfig.get("CONFIG_VMGENID") != "y":
+            return "the kernel has no CONFIG_VMGENID"
+        return None
+    if not reseed.supported(machine.arch):
+        return f"hshelper has no RNG reseed program for {machine.arch}"
+    if not reseed.kernel_has_it(kernel_version):
+        return "the kernel is older than 4.17 (no RNDRESEEDCRNG)"
+    return None
+
+
 def saved_state_dir(config, spec: RunSpec, image, machine: Machine,
                     kconfig: dict[str, str]) -> Path | None:
     """The saved states' directory when this run can use one (its machine then gets the
@@ -219,10 +235,7 @@ def saved_state_dir(config, spec: RunSpec, image, machine: Machine,
     there are slots."""
     if not config.get("run", "saved_states"):
         return None
-    if machine.vmgenid:
-        if kconfig and kconfig.get("CONFIG_VMGENID") != "y":
-            return None
-    elif not (reseed.supported(machine.arch) and reseed.kernel_has_it(image.kernel_version)):
+    if restores_unsafe(machine, image.kernel_version, kconfig):
         return None
     if "virtio_blk" in image.features and "virtio_blk" not in image.modules:
         return None
@@ -456,6 +469,20 @@ def boot_and_run(host, plan: VMPlan, target: Target, accel: Accel, image: ImageR
     return outcome.status
 
 
+def states_line(config, machine: Machine, kernel_version: str,
+                kconfig: dict[str, str]) -> str:
+    """What ``hshelper info`` says of saved VM states for this machine and kernel."""
+    if not config.get("run", "saved_states"):
+        return "off (run.saved_states = false): every run boots"
+    why = restores_unsafe(machine, kernel_version, kconfig)
+    if why:
+        return f"never ({why}): every run boots"
+    how = ("the kernel reseeds its RNG through vmgenid" if machine.vmgenid else
+           "the guest reseeds its RNG with RNDRESEEDCRNG")
+    disks = "" if machine.restore_with_disks else f"; runs with disks boot on {machine.arch}"
+    return f"on: the first run saves one, later runs restore it ({how}){disks}"
+
+
 def print_info(session, args, config, sysroot: Sysroot) -> None:
     """The run side of ``hshelper info``: machine, qemu, accelerator, and why."""
     kernel, choice = initrd.find_kernel(session.host, sysroot, config)
@@ -469,6 +496,8 @@ def print_info(session, args, config, sysroot: Sysroot) -> None:
     boot_kernel = kernelimage.bootable(sysroot.resolve(kernel.image).host,
                                        machine.kernel_format, cache.subdir(config, "kernels"))
     print(f"boot kernel: {boot_kernel.path} ({boot_kernel.reason})")
+    states = states_line(config, machine, kernel.version, sysroot.kernel_config(kernel))
+    print(f"saved VM states: {states}")
     try:
         qemu = find_qemu(config.get("run", "qemu"), machine, sysroot)
     except HshelperError as exc:

@@ -65,6 +65,8 @@ def test_build_and_a_disk_job_in_the_roots_architecture(name, staged, home):
     info = chroot.run_host(staged, "hshelper", ["info", "--sysroot", str(root)], home, home)
     assert info.returncode == 0, info.stderr.decode()
     assert f"guest architecture: {ARCHES[name]}" in info.stdout.decode()
+    states = "off" if expected_start("on") == "booted" else "on:"
+    assert f"saved VM states: {states}" in info.stdout.decode()
     # The first run boots and saves the VM state; the disk job (where the machine allows)
     # and the run after it are restored from it (machines without vmgenid reseed the
     # guest's RNG themselves).

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from hshelper import core, runcmd
+from hshelper.config import Config, Layer
 from hshelper.errors import HshelperError
 from hshelper.guestabi import PORTS
 from hshelper.qemu import machines
@@ -113,3 +115,29 @@ def test_saved_state_key_ignores_per_run_values_only():
     assert shape(a) != shape([*b[:-1], "384"])  # memory is the machine's shape
     assert shape(["-device", "virtio-blk-pci,drive=hshdisk0,serial=out,addr=0x10"]) == \
         shape(["-device", "virtio-blk-pci,drive=hshdisk0,serial=unused0,addr=0x10"])
+
+
+# Saved VM states per machine and kernel: restores must never share an RNG state.
+@pytest.mark.parametrize("arch, version, kconfig, why", [
+    ("x86_64", "6.1.0-13-amd64", {"CONFIG_VMGENID": "y"}, None),
+    ("x86_64", "5.10.0-28-amd64", {"CONFIG_ACPI": "y"}, "no CONFIG_VMGENID"),
+    ("aarch64", "6.1.0-13-arm64", {}, None),
+    ("s390x", "6.12.9-s390x", {"CONFIG_VMGENID": "y"}, None),
+    ("riscv64", "4.14.0-1", {}, "older than 4.17"),
+])
+def test_restores_are_unsafe_without_a_reseed(arch, version, kconfig, why):
+    got = runcmd.restores_unsafe(machines.lookup(arch), version, kconfig)
+    assert (got is None) if why is None else (why in got)
+
+
+def test_info_says_how_saved_states_go_per_machine():
+    on = Config(core.hshelper_config_keys(), [])
+    off = Config(core.hshelper_config_keys(), [Layer("test", {"run.saved_states": False})])
+    assert "through vmgenid" in runcmd.states_line(on, machines.lookup("x86_64"), "6.1.0",
+                                                   {"CONFIG_VMGENID": "y"})
+    ppc = runcmd.states_line(on, machines.lookup("ppc64le"), "6.1.0", {})
+    assert "RNDRESEEDCRNG" in ppc and "runs with disks boot on ppc64le" in ppc
+    assert runcmd.states_line(on, machines.lookup("aarch64"), "6.1.0", {}).startswith("on:")
+    assert runcmd.states_line(off, machines.lookup("aarch64"), "6.1.0", {}).startswith("off")
+    assert runcmd.states_line(on, machines.lookup("x86_64"), "6.1.0", {"X": "y"}).startswith(
+        "never (the kernel has no CONFIG_VMGENID)")
