@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import hshelper.plugins as builtin_plugins
 from hshelper import __version__, cache, cpio, elf, guestabi, kmod, packages, rootpath, runner
 from hshelper.errors import HshelperError
 from hshelper.model import Contents, ImageResult, Program
@@ -433,16 +434,23 @@ def watch_stamp(path: str) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode]
 
 
+def tree_digest(packages: dict[str, Path]) -> str:
+    """A digest of the Python files and guest scripts under each named directory."""
+    digest = hashlib.sha256()
+    for name, top in sorted(packages.items()):
+        for path in sorted([*top.rglob("*.py"), *top.glob("guest/*")]):
+            if path.is_file():
+                digest.update(f"{name}/{path.relative_to(top)}".encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=1)
 def code_digest() -> str:
-    """The hshelper package's own code: a plan made by other code (a development
-    checkout, an upgrade without a version change) must not be reused."""
-    digest = hashlib.sha256()
-    package = Path(__file__).resolve().parent
-    for path in sorted([*package.rglob("*.py"), *package.glob("guest/*")]):
-        if path.is_file():
-            digest.update(str(path.relative_to(package)).encode() + path.read_bytes())
-    return digest.hexdigest()[:16]
+    """hshelper's own code, with its built-in plugins (which a development checkout keeps
+    beside the package, not in it): a plan or a saved state made by other code (a
+    checkout being worked on, an upgrade without a version change) must not be reused."""
+    return tree_digest({"hshelper": Path(__file__).resolve().parent,
+                        "hshelper.plugins": Path(builtin_plugins.__path__[0]).resolve()})
 
 
 def quick_key(sysroot: Sysroot, kernel: Kernel, contents: Contents, config) -> str:

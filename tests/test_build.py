@@ -13,6 +13,8 @@ from pathlib import Path
 import chroot
 import pytest
 
+from hshelper import initrd
+
 pytestmark = pytest.mark.slow
 
 ROOTS = ["bookworm", "bookworm-nobusybox", "bookworm-612", "bookworm-cloud", "fedora-layout"]
@@ -177,3 +179,24 @@ def host_env(cache: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["XDG_CACHE_HOME"] = str(cache)
     return env
+
+
+def test_a_change_to_hshelper_or_its_plugins_changes_the_code_digest(tmp_path):
+    """Plans and saved states are keyed by hshelper's code, built-in plugins included
+    (a checkout keeps them in plugins/, beside the package)."""
+    package, plugins = tmp_path / "hshelper", tmp_path / "plugins"
+    (package / "guest").mkdir(parents=True)
+    plugins.mkdir()
+    (package / "core.py").write_text("x = 1\n")
+    (package / "guest/init").write_text("#!/bin/sh\n")
+    (plugins / "disks.py").write_text("y = 1\n")
+    tree = {"hshelper": package, "hshelper.plugins": plugins}
+    first = initrd.tree_digest(tree)
+    assert initrd.tree_digest(tree) == first
+    for path, text in ((plugins / "disks.py", "y = 2\n"),
+                       (package / "guest/init", "#!/bin/sh\n:\n"),
+                       (package / "core.py", "x = 2\n")):
+        path.write_text(text)
+        changed = initrd.tree_digest(tree)
+        assert changed != first, path
+        first = changed
