@@ -3,10 +3,14 @@ budget: as the build user inside the bookworm build root, against real VMs (TCG)
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
+import termios
 import time
 
 import chroot
@@ -156,3 +160,54 @@ def test_sigint_is_130_and_leaves_no_qemu(root):
     while pids & qemu_pids(root) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not pids & qemu_pids(root)
+
+
+def _read_until(fd: int, marker: bytes, timeout: float) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while marker not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the other side closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+def test_shell_on_a_terminal_reads_lines_and_ctrl_c_stops_the_vm(root):
+    """hshelper shell with a real terminal (a pty as its controlling tty): the banner,
+    a typed line runs as root in the VM, and Ctrl-C (the tty's interrupt character)
+    stops the VM: status 130, no qemu left."""
+    from test_run import qemu_pids
+
+    work = chroot.fresh_dir(root, "shell-tty")
+    main, side = pty.openpty()
+    argv = ["chroot", f"--userspec={chroot.BUILD_UID}:{chroot.BUILD_UID}", str(root),
+            "/usr/bin/env", "-i", f"HOME={chroot.HOME}", "PATH=/usr/local/bin:/usr/bin:/bin",
+            "TERM=dumb", "/bin/sh", "-c", f"cd {work} && exec hshelper shell"]
+    proc = subprocess.Popen(argv, stdin=side, stdout=side, stderr=side, cwd="/",
+                            start_new_session=True,
+                            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(side)
+    try:
+        banner = _read_until(main, b"Ctrl-C stops the VM", 120)
+        assert b"a root shell in the helper VM" in banner, banner
+        os.write(main, b'echo "tty-$(( 6 * 7 ))-$(id -u)"\n')
+        out = _read_until(main, b"tty-42-0", 120)
+        assert b"tty-42-0" in out, out
+        pids = {pid for pid in qemu_pids(root) if _parent(pid) == proc.pid}
+        assert pids, "qemu should be running now"
+        os.write(main, b"\x03")
+        assert proc.wait(timeout=30) == 130
+        deadline = time.monotonic() + 10
+        while pids & qemu_pids(root) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not pids & qemu_pids(root)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main)
