@@ -135,24 +135,31 @@ def test_inside_the_arm64_root_through_qemu_user(home):
     assert out.read_text() == "aarch64\n" and out.stat().st_uid == chroot.BUILD_UID
 
 
-def test_an_aarch64_image_by_the_recipe_boots_with_uefi(staged, home):
-    """recipes/mkimage.sh for aarch64: GPT with the aarch64 root type, systemd-boot at
-    EFI/BOOT/BOOTAA64.EFI, the kernel and initramfs of an arm64 system; booted under
-    qemu-system-aarch64 with UEFI firmware (qemu-efi-aarch64) to its marker."""
+def arm64_image(staged: Path, home: Path, recipe: str) -> Path:
+    """``helper-run --recipe RECIPE`` in the arm64 build root (from the host, as the
+    build user): a 1 GiB image of the arm64 target system whose kernel runs the marker
+    as init. The initramfs has the modules the marker boot needs; the root does without
+    them."""
     root = foreign_root("arm64")
-    if not imagecheck.AAVMF_CODE.exists():
-        pytest.skip("no UEFI firmware for aarch64 (install qemu-efi-aarch64)")
     target = buildroots.ensure_root("target-arm64")
-    # The initramfs has the modules the marker boot needs; the root does without them.
     tarball = imagecheck.target_tarball(target, home / "root.tar",
                                         exclude=("./lib/modules", "./usr/share"))
     os.chown(tarball, chroot.BUILD_UID, chroot.BUILD_UID)
     proc = chroot.run_host(staged, "helper-run",
-                           ["--sysroot", str(root), "--recipe", "mkimage", "--size", "1G",
+                           ["--sysroot", str(root), "--recipe", recipe, "--size", "1G",
                             "--append", "init=/usr/local/sbin/marker", "root.tar",
                             "disk.img"], home, home, timeout=1200)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    image = home / "disk.img"
+    return home / "disk.img"
+
+
+def test_an_aarch64_image_by_the_recipe_boots_with_uefi(staged, home):
+    """recipes/mkimage.sh for aarch64: GPT with the aarch64 root type, systemd-boot at
+    EFI/BOOT/BOOTAA64.EFI, the kernel and initramfs of an arm64 system; booted under
+    qemu-system-aarch64 with UEFI firmware (qemu-efi-aarch64) to its marker."""
+    if not imagecheck.AAVMF_CODE.exists():
+        pytest.skip("no UEFI firmware for aarch64 (install qemu-efi-aarch64)")
+    image = arm64_image(staged, home, "mkimage")
     layout = imagecheck.layout(image)
     assert layout.label == "gpt"
     esp, rootpart = layout.partitions
@@ -171,19 +178,9 @@ def test_an_aarch64_board_image_by_the_mbr_recipe_boots_with_u_boot(staged, home
     """recipes/mkimage-mbr.sh for aarch64: an MBR image with one bootable root partition
     and /boot/extlinux/extlinux.conf, which U-Boot's distro boot reads on boards; booted
     under qemu-system-aarch64 with U-Boot (u-boot-qemu) to its marker."""
-    root = foreign_root("arm64")
     if not imagecheck.UBOOT_ARM64.exists():
         pytest.skip("no U-Boot for qemu's arm64 board (install u-boot-qemu)")
-    target = buildroots.ensure_root("target-arm64")
-    tarball = imagecheck.target_tarball(target, home / "root.tar",
-                                        exclude=("./lib/modules", "./usr/share"))
-    os.chown(tarball, chroot.BUILD_UID, chroot.BUILD_UID)
-    proc = chroot.run_host(staged, "helper-run",
-                           ["--sysroot", str(root), "--recipe", "mkimage-mbr", "--size", "1G",
-                            "--append", "init=/usr/local/sbin/marker", "root.tar",
-                            "disk.img"], home, home, timeout=1200)
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    image = home / "disk.img"
+    image = arm64_image(staged, home, "mkimage-mbr")
     layout = imagecheck.layout(image)
     assert layout.label == "dos"
     (rootpart,) = layout.partitions
