@@ -312,13 +312,17 @@ class Target:
         return self.choice.machine
 
 
+def boot_kernel_of(sysroot: Sysroot, kernel: Kernel, machine: Machine, config) -> BootKernel:
+    """The file qemu boots for ``kernel`` (unpacked and cached where that is faster or
+    where qemu cannot load the format)."""
+    return kernelimage.bootable(sysroot.resolve(kernel.image).host, machine.kernel_format,
+                                cache.subdir(config, "kernels"))
+
+
 def find_target(host, sysroot: Sysroot, config) -> Target:
     kernel, choice = initrd.find_kernel(host, sysroot, config)
     qemu = find_qemu(config.get("run", "qemu"), choice.machine, sysroot)
-    boot_kernel = kernelimage.bootable(sysroot.resolve(kernel.image).host,
-                                       choice.machine.kernel_format,
-                                       cache.subdir(config, "kernels"))
-    return Target(kernel, choice, qemu, boot_kernel)
+    return Target(kernel, choice, qemu, boot_kernel_of(sysroot, kernel, choice.machine, config))
 
 
 def choose_accel(host, spec: RunSpec, config, target: Target) -> Accel:
@@ -493,8 +497,7 @@ def print_info(session, args, config, sysroot: Sysroot) -> None:
           f"{machine.kvm_cpu} (KVM); console {machine.console}; virtio-{machine.transport}")
     if machine.why:
         print(f"machine choices: {machine.why}")
-    boot_kernel = kernelimage.bootable(sysroot.resolve(kernel.image).host,
-                                       machine.kernel_format, cache.subdir(config, "kernels"))
+    boot_kernel = boot_kernel_of(sysroot, kernel, machine, config)
     print(f"boot kernel: {boot_kernel.path} ({boot_kernel.reason})")
     states = states_line(config, machine, kernel.version, sysroot.kernel_config(kernel))
     print(f"saved VM states: {states}")

@@ -96,15 +96,18 @@ class Job:
     def fs(self) -> str:
         return self.get("--fs", "ext4")
 
-    @property
-    def root_type(self) -> str:
-        """The root partition's GPT type for the image's architecture (--arch, which
-        hshelper_run_spec gives the recipe from the machine when the user did not)."""
+    def machine(self) -> machines.Machine:
+        """The image's architecture (--arch, which hshelper_run_spec gives the recipe
+        from the VM's machine when the user did not); an unknown one is a usage error."""
         try:
-            machine = machines.lookup(self.get("--arch", "x86_64"))
+            return machines.lookup(self.get("--arch", "x86_64"))
         except HshelperError as err:
             raise HshelperError(f"mkimage: {err}", status=2) from None
-        return machine.gpt_root_type.upper()
+
+    @property
+    def root_type(self) -> str:
+        """The root partition's GPT type for the image's architecture."""
+        return self.machine().gpt_root_type.upper()
 
     @property
     def extlinux(self) -> bool:
@@ -500,7 +503,7 @@ def hshelper_run_spec(spec, config, args, machine):
         # partition table: both must know it.
         job = dataclasses.replace(job, options={**job.options, "--arch": machine.arch})
         words += ["--arch", machine.arch]
-    job.root_type  # noqa: B018 - an unknown --arch is a usage error now, not later
+    job.machine()  # an unknown --arch is a usage error now, not after the boot
     if repro:
         extra.update(repro_seed=repro.seed, repro_epoch=str(repro.epoch),
                      repro_seed_from=repro.seed_from)

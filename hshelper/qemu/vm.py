@@ -242,10 +242,11 @@ class VM:
                 continue
             if words[0] == guestabi.READY and not self._ready:
                 self._ready = True
-                if self.save_to is not None and guestabi.NOSAVE in words[1:]:
-                    self.state_note = "the guest could not reseed its RNG: no state saved"
-                elif self.save_to is not None:
-                    self._save()
+                if self.save_to is not None:
+                    if guestabi.NOSAVE in words[1:]:
+                        self.state_note = "the guest could not reseed its RNG: no state saved"
+                    else:
+                        self._save()
                 self._send_script()
             elif words[0] == guestabi.STARTED and self._started is None:
                 self._started = time.monotonic() - self.activity.started
