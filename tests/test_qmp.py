@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import threading
+import time
 
 import pytest
 
@@ -67,3 +69,34 @@ def test_a_silent_peer_times_out():
     ours, theirs = socket.socketpair()
     with pytest.raises(Exception, match="did not greet"):
         QMP(ours).execute("query-status", timeout=0.3)
+
+
+def real_qemu(sock: socket.socket) -> subprocess.Popen:
+    """A real qemu, stopped (-S), with its QMP monitor on ``sock``."""
+    return subprocess.Popen(
+        ["qemu-system-x86_64", "-nodefaults", "-display", "none", "-machine", "none", "-S",
+         "-chardev", f"socket,id=q,fd={sock.fileno()}", "-mon", "chardev=q,mode=control"],
+        pass_fds=[sock.fileno()], stdin=subprocess.DEVNULL)
+
+
+def test_wait_event_returns_when_a_real_qemu_sends_it_and_false_when_it_never_comes():
+    ours, theirs = socket.socketpair()
+    proc = real_qemu(theirs)
+    theirs.close()
+    try:
+        qmp = QMP(ours)
+        assert qmp.execute("query-status", timeout=10)["status"] == "prelaunch"
+        # Nothing resumes a stopped VM by itself: the wait ends at its timeout.
+        assert not qmp.wait_event("RESUME", timeout=0.3)
+        qmp.send("cont")
+        assert qmp.wait_event("RESUME", timeout=10)
+        # An event that came before the wait does not count for it.
+        assert not qmp.wait_event("RESUME", timeout=0.3)
+        qmp.send("quit")
+        # The end of the socket ends the wait (False) long before its timeout.
+        started = time.monotonic()
+        assert not qmp.wait_event("NEVER", timeout=30)
+        assert time.monotonic() - started < 10
+    finally:
+        proc.kill()
+        proc.wait()

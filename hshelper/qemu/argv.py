@@ -38,6 +38,9 @@ def qemu_argv(qemu: str, machine: Machine, boot: BootSpec, fds: dict[str, int],
         "-smp", str(boot.cpus),
         "-no-reboot",  # the guest's reboot request is how it stops
         "-nic", "none",  # no network unless a plugin adds one
+        # A saved state then carries no run state: a restored VM runs as soon as it is
+        # loaded (a RESUME event), with no "cont" round trip.
+        "-global", "migration.store-global-state=off",
         "-kernel", str(boot.kernel),
         "-initrd", str(boot.initrd),
         "-append", boot.cmdline,

@@ -105,3 +105,18 @@ class QMP:
                 raise HshelperError(f"qemu closed its control channel during {command}")
             if time.monotonic() >= deadline:
                 raise HshelperError(f"qemu did not answer {command} within {timeout:g} s")
+
+    def wait_event(self, name: str, timeout: float) -> bool:
+        """Read the socket until event ``name`` arrives (True), or until ``timeout`` or
+        the socket's end (False). Only events that arrive during the wait count."""
+        deadline = time.monotonic() + timeout
+        seen = len(self.events)
+        while True:
+            if any(e.get("event") == name for e in self.events[seen:]):
+                return True
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0 or not self.pump(left):
+                    return False
+            except ConnectionError:  # qemu went away without closing cleanly
+                return False

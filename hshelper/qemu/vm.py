@@ -139,9 +139,22 @@ class VM:
         """Start qemu: a cold boot, or a saved state loaded (``restore_from``; raises
         RestoreFailed when it does not load: nothing has run yet then)."""
         self.activity.started = time.monotonic()
+        fds = list(self.channels.fds().values())
+        state = None
         if self.restore_from is not None:
-            extra = (*extra, "-incoming", f"exec:cat {shlex.quote(str(self.restore_from))}")
-        self.proc = process.spawn([*self.argv, *extra], list(self.channels.fds().values()))
+            # qemu reads the file itself: through "exec:cat" (a shell, cat and a pipe)
+            # loading took half as long again, and now and then three times as long.
+            try:
+                state = os.open(self.restore_from, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise RestoreFailed(f"cannot open the state: {exc.strerror}") from exc
+            extra = (*extra, "-incoming", f"fd:{state}")
+            fds.append(state)
+        try:
+            self.proc = process.spawn([*self.argv, *extra], fds)
+        finally:
+            if state is not None:
+                os.close(state)
         self.channels.handed_over()
         if self.restore_from is not None:
             self._await_restore()
@@ -159,12 +172,16 @@ class VM:
                 status = self.qmp.execute("query-status", timeout=timeout).get("status")
                 if status == "running":
                     break
-                if status == "paused":  # it was saved stopped: loaded, and waits for us
+                if status == "paused":  # loaded, and waits for us
                     self.qmp.execute("cont")
                     continue
-                if status not in ("inmigrate", "prelaunch") or time.monotonic() > deadline:
+                if status not in ("inmigrate", "prelaunch"):
                     raise RestoreFailed(f"the restored VM is {status}")
-                time.sleep(0.01)
+                # Still loading: it starts by itself once loaded (argv: no global state).
+                if not self.qmp.wait_event("RESUME", deadline - time.monotonic()):
+                    if time.monotonic() >= deadline:
+                        raise RestoreFailed(f"the VM did not load within {timeout:g} s")
+                    raise RestoreFailed("qemu stopped while loading the state")
         except (HshelperError, OSError) as exc:
             self.kill()
             err = self.proc.stderr.read().decode(errors="replace").strip() if \
