@@ -5,8 +5,8 @@ image carries only what boots the VM and a fast copy of the common disk tools. S
 build root is shared read-only over 9p and the command runs chrooted into an overlay:
 the image's files (the same bytes as the build root's, in RAM) over the build root,
 with a tmpfs on top for whatever the command writes outside its shares, and /proc,
-/sys, /dev, /tmp and /run of its own. busybox's applets sit last on PATH, standing in
-only for programs the build root lacks.
+/sys, /dev, /tmp and /run of its own (/dev and /run are the init's). busybox's applets
+sit last on PATH, standing in only for programs the build root lacks.
 
 The guest gets the build host's hostname, as the command would see it run directly.
 
@@ -102,7 +102,9 @@ def setup_code(mode: str) -> str:
         ("sysfs", f"{N}/sys", "sysfs", "defaults"),
         ("/dev", f"{N}/dev", "none", "rbind"),
         ("tmpfs", f"{N}/tmp", "tmpfs", "mode=1777"),
-        ("tmpfs", f"{N}/run", "tmpfs", "mode=0755"),
+        # The init's /run: the device watcher, running since boot, keeps udev's
+        # database there (plugin devlinks).
+        ("/run", f"{N}/run", "none", "bind"),
     ])
     return "\n".join([
         *write_and_mount("newroot", table),

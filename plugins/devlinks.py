@@ -4,8 +4,8 @@ database, and tools that would wait for udev told not to.
 - /dev/disk/by-uuid, by-label, by-partuuid and by-partlabel links for every block
   device, and its entry in udev's database under the command's /run (what lsblk and
   ``udevadm info`` read properties from), remade when a device appears or a program
-  that wrote to it (mkfs) is done (hshelper/guest/devlinks, a watcher started before
-  the command);
+  that wrote to it (mkfs) is done (hshelper/guest/devlinks, a watcher started at
+  boot, so that a saved VM state holds it running);
 - ``udevadm settle`` / ``trigger`` bring the links and the database up to date before
   they return. The build root's own udevadm would return at once ("Running in chroot,
   ignoring request"), so where it is installed hshelper's stand-in is bind-mounted over
@@ -29,6 +29,7 @@ from hshelper.model import Contents, File, Program
 
 STAND_IN = "/hshelper/bb/udevadm"
 REAL = "/hshelper/udevadm.real"  # the build root's udevadm, bound here for a run
+READY = "/tmp/.hshelper-devlinks.ready"  # the watcher's first look is done
 UDEVADM = f"""#!/bin/sh
 # hshelper's udevadm: the guest has no udev daemon (hshelper/guest/devlinks does its work).
 case $1 in
@@ -47,7 +48,8 @@ def hshelper_image_contents():
                            File(STAND_IN, data=UDEVADM.encode(), mode=0o755),
                            File(REAL, data=b"", mode=0o755)),  # a mount point
                     programs=(Program("blkid", applet=False), Program("readlink"),
-                              Program("rm"), Program("mkfifo")))
+                              Program("rm"), Program("mkfifo")),
+                    init_steps=(("devlinks", watcher_code()),))
 
 
 def setup_code() -> str:
@@ -56,7 +58,6 @@ def setup_code() -> str:
     fstab = "/hshelper/run/fstab.udevadm"
     return "\n".join([
         'hsh_guest_env="$hsh_guest_env DM_DISABLE_UDEV=1"',
-        "mkdir -p /dev/disk",
         "hsh_udevadm=",
         'if [ -n "$hsh_newroot" ]; then',
         "    hsh_ifs=$IFS; IFS=:",
@@ -75,13 +76,27 @@ def setup_code() -> str:
         f" \"$hsh_newroot{STAND_IN} $hsh_newroot$hsh_udevadm\" >{fstab}",
         f"    $hsh_mount -a -T {fstab}",
         "fi",
-        # The watcher runs beside the command, detached from its channels; busybox's
-        # shell where there is one (its read builtin can wait, so an idle watcher
-        # starts nothing).
+    ])
+
+
+def watcher_code() -> str:
+    """Boot-time shell: start the watcher and wait (up to 10 s) until it has probed the
+    devices there are at boot. Started at boot, it is running in a saved VM state with
+    its first look done: a restored run starts no watcher and probes no unused disk
+    slot (that cost a restored `helper-run true` 60 ms of its CPU). Its database is the
+    init's /run, which the command's root binds (plugin buildroot)."""
+    return "\n".join([
+        "mkdir -p /dev/disk",
+        # Detached from every channel; busybox's shell where there is one (its read
+        # builtin can wait, so an idle watcher starts nothing).
         "if command -v busybox >/dev/null 2>&1; then hsh_dl_sh='busybox sh'; "
         "else hsh_dl_sh=/bin/sh; fi",
-        '$hsh_dl_sh /hshelper/devlinks watch "$hsh_newroot/run" </dev/null >/dev/null 2>&1 '
-        "3>&- &",
+        f"$hsh_dl_sh /hshelper/devlinks watch /run {READY} </dev/null >/dev/null 2>&1 &",
+        "hsh_i=0",
+        f'while [ ! -e {READY} ] && [ "$hsh_i" -lt 500 ]; do',
+        "    sleep 0.02 2>/dev/null || :",
+        "    hsh_i=$((hsh_i + 1))",
+        "done",
     ])
 
 
