@@ -20,6 +20,7 @@ The flow::
     hshelper_run_spec               adjust the run               (run)
     hshelper_kernel_cmdline         add kernel parameters        (run)
     hshelper_qemu_args              add qemu arguments           (run)
+    hshelper_root_mounts            mounts in the command's root (run)
     hshelper_guest_setup            add per-run guest steps      (run)
     hshelper_before_run             last look before boot        (run)
     hshelper_run_vm                 run the VM; wrap it          (run, firstresult)
@@ -184,8 +185,22 @@ def hshelper_qemu_args(spec: RunSpec, image: ImageResult, accel: Accel,
 
 
 @hookspec
-def hshelper_guest_setup(spec: RunSpec, image: ImageResult,
-                         machine: Machine) -> list[tuple[str, str]] | None:
+def hshelper_root_mounts(spec: RunSpec) -> list[tuple[str, str, str, str]] | None:
+    """Return fstab entries (what, where, type, options) to mount in the command's root
+    together with it: one mount program for the build root, its overlay and these
+    (under TCG every program start costs tens of milliseconds). Paths are as the init
+    sees them: the command's root is :data:`hshelper.guestabi.NEWROOT`, so a mount
+    point or bind source there is ``NEWROOT + path``, and it must exist there (in the
+    build root or the image). Called once per run, after ``hshelper_run_spec``; the
+    entries are mounted in plugin order after the root's own (plugin buildroot), and
+    only when the run has a command root (not in ``--mode isolated``).
+    """
+
+
+@hookspec
+def hshelper_guest_setup(spec: RunSpec, image: ImageResult, machine: Machine,
+                         root_mounts: list[tuple[str, str, str, str]]
+                         ) -> list[tuple[str, str]] | None:
     """Return per-run guest steps: (name, POSIX shell code) pairs.
 
     They run in the guest init (in the image's own root, not the command's) after the
@@ -197,6 +212,8 @@ def hshelper_guest_setup(spec: RunSpec, image: ImageResult,
     loads the image's modules (under TCG every program start costs). hshelper.guestabi
     lists these names. The steps travel in the run script sent once the guest is ready,
     so they never invalidate the image, and a saved VM state serves every run.
+    ``root_mounts``: every plugin's ``hshelper_root_mounts``, for the plugin that mounts
+    the command's root.
     """
 
 

@@ -391,9 +391,13 @@ def plan_vm(host, spec: RunSpec, config, image: ImageResult, target: Target,
     if slot_dir and machine.vmgenid:
         # A new generation ID at every restore: the guest kernel reseeds its RNG.
         devices += ["-device", "vmgenid,guid=auto"]
+    root_mounts: list[tuple[str, str, str, str]] = []
+    for entries in reversed(host.hook.hshelper_root_mounts(spec=spec)):
+        root_mounts += entries or []
     steps: list[tuple[str, str]] = []
     for extra in reversed(host.hook.hshelper_guest_setup(spec=spec, image=image,
-                                                         machine=machine)):
+                                                         machine=machine,
+                                                         root_mounts=root_mounts)):
         steps += extra or []
     boot = BootSpec(accel.name, spec.memory_mb, spec.cpus, target.boot_kernel.path,
                     initrd.boot_initrd(image, accel.name), cmdline,

@@ -85,8 +85,10 @@ def hshelper_run_spec(spec, config, args, image):
     return dataclasses.replace(spec, mode=mode, shares=(share, *spec.shares))
 
 
-def setup_code(mode: str) -> str:
-    """Mount the build root, the overlay and the pseudo filesystems; chroot there."""
+def setup_code(mode: str, extra: list[tuple[str, str, str, str]] | tuple = ()) -> str:
+    """Mount the build root, the overlay, the pseudo filesystems and the other plugins'
+    mounts in it (``extra``: hshelper_root_mounts) with one mount program; chroot
+    there."""
     lower = f"/:{guestabi.ROOT_DIR}" if mode == "image" else guestabi.ROOT_DIR
     # One fstab, mounted in order (the build root before the overlay on it); the upper
     # and work directories were made at boot (upper_code).
@@ -105,6 +107,7 @@ def setup_code(mode: str) -> str:
         # The init's /run: the device watcher, running since boot, keeps udev's
         # database there (plugin devlinks).
         ("/run", f"{N}/run", "none", "bind"),
+        *extra,
     ])
     return "\n".join([
         *write_and_mount("newroot", table),
@@ -122,8 +125,8 @@ def hostname_code(name: str) -> str:
 
 
 @hookimpl
-def hshelper_guest_setup(spec):
+def hshelper_guest_setup(spec, root_mounts):
     steps = [("hostname", hostname_code(os.uname().nodename))]
     if spec.mode != "isolated":
-        steps.append(("buildroot", setup_code(spec.mode)))
+        steps.append(("buildroot", setup_code(spec.mode, root_mounts)))
     return steps

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 from importlib import resources
 
-from hshelper.guestrun import quote
+from hshelper import guestabi
+from hshelper.guestabi import NEWROOT
+from hshelper.guestrun import guest_env
 from hshelper.hookspecs import hookimpl
 from hshelper.model import Contents, File, Program
+from hshelper.sysroot import Sysroot
 
 STAND_IN = "/hshelper/bb/udevadm"
 REAL = "/hshelper/udevadm.real"  # the build root's udevadm, bound here for a run
@@ -52,31 +55,24 @@ def hshelper_image_contents():
                     init_steps=(("devlinks", watcher_code()),))
 
 
+def udevadm_in_root(spec) -> str | None:
+    """The build root's udevadm that the command would run (the first on its PATH), in
+    mode image (the image over the build root: the stand-in is in it); None otherwise.
+    Looked up on the host: in the guest, each directory on PATH cost a lookup through
+    the overlay and 9p."""
+    if spec.mode != "image":
+        return None
+    root = next((s.host for s in spec.shares if s.guest == guestabi.ROOT_DIR), None)
+    if root is None:
+        return None
+    path = dict(guest_env(spec.env))["PATH"].split(":")
+    stand_in_dir = STAND_IN.rsplit("/", 1)[0]
+    return Sysroot(root).which("udevadm", tuple(d for d in path if d != stand_in_dir))
+
+
 def setup_code() -> str:
-    """Shell for the init: the watcher, and the stand-in over the build root's udevadm
-    (the first one on the command's PATH) when the command runs in the build root."""
-    fstab = "/hshelper/run/fstab.udevadm"
-    return "\n".join([
-        'hsh_guest_env="$hsh_guest_env DM_DISABLE_UDEV=1"',
-        "hsh_udevadm=",
-        'if [ -n "$hsh_newroot" ]; then',
-        "    hsh_ifs=$IFS; IFS=:",
-        "    for hsh_d in $HSH_PATH; do",
-        f"        [ \"$hsh_d\" != {quote(STAND_IN.rsplit('/', 1)[0])} ] &&"
-        ' [ -x "$hsh_newroot$hsh_d/udevadm" ] || continue',
-        '        hsh_udevadm=$hsh_d/udevadm',
-        "        break",
-        "    done",
-        "    IFS=$hsh_ifs",
-        "fi",
-        # Mode root shows the build root alone: no stand-in (nor REAL) in it to bind.
-        f'if [ -n "$hsh_udevadm" ] && [ -e "$hsh_newroot"{quote(REAL)} ]; then',
-        # Bind mounts: the build root stays untouched, and each is one fstab line.
-        f"    printf '%s none bind 0 0\\n' \"$hsh_newroot$hsh_udevadm $hsh_newroot{REAL}\""
-        f" \"$hsh_newroot{STAND_IN} $hsh_newroot$hsh_udevadm\" >{fstab}",
-        f"    $hsh_mount -a -T {fstab}",
-        "fi",
-    ])
+    """Shell for the init: libdevmapper makes its own nodes instead of waiting for udev."""
+    return 'hsh_guest_env="$hsh_guest_env DM_DISABLE_UDEV=1"'
 
 
 def watcher_code() -> str:
@@ -98,6 +94,17 @@ def watcher_code() -> str:
         "    hsh_i=$((hsh_i + 1))",
         "done",
     ])
+
+
+@hookimpl
+def hshelper_root_mounts(spec):
+    # The stand-in over the build root's udevadm, and the real one where the stand-in
+    # passes other subcommands on: binds leave the build root untouched.
+    udevadm = udevadm_in_root(spec)
+    if not udevadm:
+        return []
+    return [(f"{NEWROOT}{udevadm}", f"{NEWROOT}{REAL}", "none", "bind"),
+            (f"{NEWROOT}{STAND_IN}", f"{NEWROOT}{udevadm}", "none", "bind")]
 
 
 @hookimpl

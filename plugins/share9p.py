@@ -18,12 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from hshelper import mapped9p
+from hshelper import guestabi, mapped9p
 from hshelper.errors import HshelperError
 from hshelper.guestrun import fstab_escape, quote
 from hshelper.hookspecs import hookimpl
 from hshelper.model import Contents, Share
 from hshelper.qemu import savedstate
+from hshelper.sysroot import Sysroot
 
 MODULES = ("9p?!", "9pnet_virtio?!")
 
@@ -151,17 +152,50 @@ def hshelper_run_vm(spec):
                 mapped9p.settle(share.host, started)
 
 
+def options(share: Share) -> str:
+    opts = f"trans=virtio,version=9p2000.L,msize={mapped9p.MSIZE},cache=mmap"
+    return opts + ",ro" if share.readonly else opts
+
+
+# The command's root mounts its own file systems here: a directory of the build root
+# below them is not there for a share to be mounted on.
+OWN_MOUNTS = ("/proc", "/sys", "/dev", "/tmp", "/run")
+
+
+def in_build_root(spec, guest: str) -> bool:
+    """Whether ``guest`` is a directory of the command's root as it is (in the build
+    root, no symlink on the way, not below the root's own mounts or another share): a
+    share can then be mounted there with the root itself (hshelper_root_mounts), no
+    mkdir first."""
+    below = OWN_MOUNTS + tuple(s.guest for s in spec.shares
+                               if s.automount and s.guest != guest)
+    if spec.mode == "isolated" or any(guest == m or guest.startswith(m.rstrip("/") + "/")
+                                      for m in below):
+        return False  # a share inside another is mounted on what the other shows
+    root = next((s.host for s in spec.shares if s.guest == guestabi.ROOT_DIR), None)
+    if root is None:
+        return False
+    try:
+        found = Sysroot(root).resolve(guest)
+    except OSError:
+        return False
+    return found.path == guest and not found.links and found.host.is_dir()
+
+
+@hookimpl
+def hshelper_root_mounts(spec):
+    return [(s.tag, f"{guestabi.NEWROOT}{s.guest}", "9p", options(s))
+            for s in spec.shares if s.automount and in_build_root(spec, s.guest)]
+
+
 @hookimpl
 def hshelper_guest_setup(spec):
-    shares = [s for s in spec.shares if s.automount]
+    # The shares that hshelper_root_mounts could not place (made directories, or the
+    # image alone), mounted by a step.
+    shares = [s for s in spec.shares if s.automount and not in_build_root(spec, s.guest)]
     if not shares:
         return []
-    entries = []
-    for share in shares:
-        opts = f"trans=virtio,version=9p2000.L,msize={mapped9p.MSIZE},cache=mmap"
-        if share.readonly:
-            opts += ",ro"
-        entries.append((share.tag, share.guest, "9p", opts))
+    entries = [(share.tag, share.guest, "9p", options(share)) for share in shares]
     # Where the command sees them: under its root when that is the overlay (after the
     # overlay's own /tmp, so a working directory under /tmp is shared too). The
     # mount points are made only where missing (each program start costs under TCG).
