@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hshelper.plugins import devlinks, share9p
 
 from hshelper import guestabi
 from hshelper.model import RunSpec, Share
-from hshelper.plugins import devlinks, share9p
 
 
 def spec_for(root: Path, *guests: str, mode: str = "image", path: str = "/usr/bin:/bin"

@@ -11,7 +11,7 @@ aarch64 guest under TCG.
 
 from __future__ import annotations
 
-import platform
+import os
 from dataclasses import dataclass, field
 
 from hshelper.errors import HshelperError
@@ -197,7 +197,7 @@ def lookup(name: str) -> Machine:
 
 
 def host() -> Machine:
-    return lookup(platform.machine())
+    return lookup(os.uname().machine)
 
 
 def from_elf(e_machine: int, elf_class: int, little_endian: bool) -> Machine | None:
