@@ -12,7 +12,11 @@ Run (issues 3 and 14):
   booted cold (saved states off), against the VM floor: the same kernel, as installed,
   booted by qemu with a tiny initrd (busybox and an init that powers off); and against
   the PVH floor: hshelper's unpacked vmlinux booted the same way (goal for the restored
-  run: under 0.5 s).
+  run: under 0.5 s). Restored runs are timed twice a round: after the host was idle for
+  IDLE_S seconds, and at once after that (back to back, as a recipe's steps run). On a
+  VM host that hands freed memory back to its hypervisor (virtio-balloon free page
+  reporting, as on the CI machine) loading a state after an idle spell faults that
+  memory back in and takes about three times as long.
 
 Machines here are noisy, so rounds alternate candidate and baseline and the report gives
 medians and their ratios; absolute seconds are printed for reference only.
@@ -127,8 +131,11 @@ def tiny_initrd(root: Path, dest: Path) -> None:
     dest.write_bytes(cpio.write_archive(sorted(entries, key=lambda e: e.name), 0))
 
 
+IDLE_S = 5.0
+
+
 def bench_run(root: Path, rounds: int) -> dict:
-    ours, floor, restored = [], [], []
+    ours, floor, restored, idle = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="hshelper-bench-") as tmp:
         work = Path(tmp)
         env = dict(os.environ, XDG_CACHE_HOME=str(work / "cache"))
@@ -150,6 +157,8 @@ def bench_run(root: Path, rounds: int) -> dict:
 
         pvh_floor = []
         for _ in range(rounds):
+            time.sleep(IDLE_S)
+            idle.append(timed(run, env=env))
             restored.append(timed(run, env=env))
             ours.append(timed(run, env=cold_env))
             floor.append(timed(raw(installed)))
@@ -159,7 +168,8 @@ def bench_run(root: Path, rounds: int) -> dict:
     # overhead once the kernel's self-decompression is taken out of both.
     return {"run_true_s": statistics.median(ours), "vm_floor_s": statistics.median(floor),
             "vm_floor_pvh_s": statistics.median(pvh_floor),
-            "run_true_restored_s": statistics.median(restored)}
+            "run_true_restored_s": statistics.median(restored),
+            "run_true_restored_after_idle_s": statistics.median(idle)}
 
 
 def main() -> int:
@@ -190,7 +200,8 @@ def main() -> int:
         print(f"helper-run true restored {r['run_true_restored_s']:.2f} s = "
               f"{r['run_true_restored_s'] / r['run_true_s']:.2f}x the cold run, "
               f"{r['run_true_restored_s'] / r['vm_floor_s']:.2f}x the VM floor; "
-              f"goal < 0.5 s")
+              f"goal < 0.5 s (back to back; after {IDLE_S:g} s idle: "
+              f"{r['run_true_restored_after_idle_s']:.2f} s)")
     print(json.dumps(results))
     return 0
 
