@@ -24,7 +24,6 @@ from __future__ import annotations
 from importlib import resources
 
 from hshelper import guestabi
-from hshelper.guestabi import NEWROOT
 from hshelper.guestrun import guest_env
 from hshelper.hookspecs import hookimpl
 from hshelper.model import Contents, File, Program
@@ -78,9 +77,9 @@ def setup_code() -> str:
 def watcher_code() -> str:
     """Boot-time shell: start the watcher and wait (up to 10 s) until it has probed the
     devices there are at boot. Started at boot, it is running in a saved VM state with
-    its first look done: a restored run starts no watcher and probes no unused disk
-    slot (that cost a restored `helper-run true` 60 ms of its CPU). Its database is the
-    init's /run, which the command's root binds (plugin buildroot)."""
+    its first look done, and a restored run starts nothing for it (started per run, it
+    ran beside the command on the one vCPU: 60 ms of a restored `helper-run true`). Its
+    database is the init's /run, which the command's root binds (plugin buildroot)."""
     return "\n".join([
         "mkdir -p /dev/disk",
         # Detached from every channel; busybox's shell where there is one (its read
@@ -103,8 +102,9 @@ def hshelper_root_mounts(spec):
     udevadm = udevadm_in_root(spec)
     if not udevadm:
         return []
-    return [(f"{NEWROOT}{udevadm}", f"{NEWROOT}{REAL}", "none", "bind"),
-            (f"{NEWROOT}{STAND_IN}", f"{NEWROOT}{udevadm}", "none", "bind")]
+    root = guestabi.NEWROOT
+    return [(f"{root}{udevadm}", f"{root}{REAL}", "none", "bind"),
+            (f"{root}{STAND_IN}", f"{root}{udevadm}", "none", "bind")]
 
 
 @hookimpl
