@@ -141,6 +141,10 @@ class RunSpec:
     slot_dir: str = ""
     extra: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
+    def share_at(self, guest: str) -> Share | None:
+        """The share the guest sees at ``guest`` (guestabi.ROOT_DIR: the build root)."""
+        return next((s for s in self.shares if s.guest == guest), None)
+
 
 @dataclass(frozen=True)
 class Accel:

@@ -61,12 +61,12 @@ def udevadm_in_root(spec) -> str | None:
     the overlay and 9p."""
     if spec.mode != "image":
         return None
-    root = next((s.host for s in spec.shares if s.guest == guestabi.ROOT_DIR), None)
+    root = spec.share_at(guestabi.ROOT_DIR)
     if root is None:
         return None
     path = dict(guest_env(spec.env))["PATH"].split(":")
     stand_in_dir = STAND_IN.rsplit("/", 1)[0]
-    return Sysroot(root).which("udevadm", tuple(d for d in path if d != stand_in_dir))
+    return Sysroot(root.host).which("udevadm", tuple(d for d in path if d != stand_in_dir))
 
 
 def setup_code() -> str:

@@ -172,11 +172,11 @@ def in_build_root(spec, guest: str) -> bool:
     if spec.mode == "isolated" or any(guest == m or guest.startswith(m.rstrip("/") + "/")
                                       for m in below):
         return False  # a share inside another is mounted on what the other shows
-    root = next((s.host for s in spec.shares if s.guest == guestabi.ROOT_DIR), None)
+    root = spec.share_at(guestabi.ROOT_DIR)
     if root is None:
         return False
     try:
-        found = Sysroot(root).resolve(guest)
+        found = Sysroot(root.host).resolve(guest)
     except OSError:
         return False
     return found.path == guest and not found.links and found.host.is_dir()
@@ -189,10 +189,12 @@ def hshelper_root_mounts(spec):
 
 
 @hookimpl
-def hshelper_guest_setup(spec):
-    # The shares that hshelper_root_mounts could not place (made directories, or the
-    # image alone), mounted by a step.
-    shares = [s for s in spec.shares if s.automount and not in_build_root(spec, s.guest)]
+def hshelper_guest_setup(spec, root_mounts):
+    # The shares hshelper_root_mounts could not place (made directories, or the image
+    # alone), mounted by a step.
+    placed = {where for _, where, _, _ in root_mounts}
+    shares = [s for s in spec.shares
+              if s.automount and f"{guestabi.NEWROOT}{s.guest}" not in placed]
     if not shares:
         return []
     entries = [(share.tag, share.guest, "9p", options(share)) for share in shares]

@@ -42,7 +42,7 @@ def root(tmp_path):
 def test_a_share_is_mounted_with_the_root_only_on_a_plain_directory(root, guest, with_root):
     spec = spec_for(root, guest)
     mounted = share9p.hshelper_root_mounts(spec)
-    steps = share9p.hshelper_guest_setup(spec)
+    steps = share9p.hshelper_guest_setup(spec, share9p.hshelper_root_mounts(spec))
     assert [m[1] for m in mounted] == ([guestabi.NEWROOT + guest] if with_root else [])
     assert bool(steps) != with_root
     if mounted:
@@ -54,11 +54,12 @@ def test_a_share_inside_another_and_the_image_alone_go_through_the_step(root):
     spec = spec_for(root, "/home/builder", "/home/builder/src/sub")
     assert [m[1] for m in share9p.hshelper_root_mounts(spec)] == [
         guestabi.NEWROOT + "/home/builder"]
-    step = share9p.hshelper_guest_setup(spec)[0][1]
+    step = share9p.hshelper_guest_setup(spec, share9p.hshelper_root_mounts(spec))[0][1]
     assert "/home/builder/src/sub" in step and "'/home/builder'" not in step
     isolated = spec_for(root, "/srv", mode="isolated")
     assert share9p.hshelper_root_mounts(isolated) == []
-    assert "/srv" in share9p.hshelper_guest_setup(isolated)[0][1]
+    step = share9p.hshelper_guest_setup(isolated, share9p.hshelper_root_mounts(isolated))
+    assert "/srv" in step[0][1]
 
 
 def test_the_udevadm_stand_in_is_bound_over_the_first_on_path_in_mode_image_only(root):
