@@ -74,14 +74,15 @@ def subdir(config, name: str) -> Path:
 
 
 def sizes(base: Path) -> dict[str, int]:
-    """Bytes used by each part of the cache under ``base``."""
+    """Bytes each part of the cache under ``base`` takes on disk (a saved state's RAM
+    file is mostly holes)."""
     out = {}
     for name in SUBDIRS:
         total = 0
         for dirpath, _, files in os.walk(base / name):
             for file in files:
                 with contextlib.suppress(OSError):
-                    total += os.lstat(os.path.join(dirpath, file)).st_size
+                    total += os.lstat(os.path.join(dirpath, file)).st_blocks * 512
         out[name] = total
     return out
 
@@ -126,9 +127,13 @@ def _write_record(path: Path, size: int, crc: int) -> None:
         {"size": size, "crc32": crc, "stamp": stamp}).encode())
 
 
-def record(path: Path) -> None:
-    """Write the size-and-CRC record of a finished file (atomically, beside it)."""
-    size, crc = crc_of(path)
+def record(path: Path, crc: int | None = None) -> None:
+    """Write the size-and-CRC record of a finished file (atomically, beside it);
+    ``crc``: its CRC-32 as the writer computed it (the file is then not read again)."""
+    if crc is None:
+        size, crc = crc_of(path)
+    else:
+        size = path.stat().st_size
     _write_record(path, size, crc)
 
 

@@ -287,6 +287,7 @@ def run_vm(host, spec: RunSpec, vm: VM, make_vm, state, stop: StopRequest, limit
         vm.save_to = target.path
         outcome = run(vm)
         target.keep = vm.saved
+        target.ram_crc = vm.ram_crc
         how.update(how="saved" if vm.saved else "booted")
         note(vm.state_note or (f"saved the VM state in {vm.save_seconds:.2f} s"
                                if vm.saved else ""))
@@ -453,7 +454,8 @@ def boot_and_run(host, plan: VMPlan, target: Target, accel: Accel, image: ImageR
             print("hshelper: a root shell in the helper VM; leave with exit or Ctrl-D "
                   "(Ctrl-C stops the VM)", file=sys.stderr, flush=True)
         state = None
-        if plan.slot_dir:
+        if plan.slot_dir and savedstate.new_enough(
+                savedstate.qemu_version(target.qemu, plan.slot_dir)):
             state = savedstate.entry(plan.slot_dir, savedstate.key(
                 target.qemu, vm.argv, plan.boot.kernel, plan.boot.initrd, accel.name,
                 initrd.code_digest(), plan.slot_dir))

@@ -15,7 +15,7 @@ from hshelper.config import Config, Layer
 from hshelper.errors import HshelperError
 from hshelper.guestabi import PORTS
 from hshelper.qemu import machines
-from hshelper.qemu.argv import BootSpec, qemu_argv
+from hshelper.qemu.argv import BootSpec, qemu_argv, ram_backend
 
 ROWS = list(machines.MACHINES.values())
 
@@ -61,6 +61,24 @@ def test_argv_is_accepted_by_qemu(row, tmp_path):
     out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "no-kernel" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["saving", "restored"])
+@pytest.mark.parametrize("row", ROWS, ids=[r.arch for r in ROWS])
+def test_every_machine_takes_its_ram_from_a_file(row, shared, tmp_path):
+    """A saved state's RAM is a file (hshelper.qemu.ramfile): every machine accepts
+    it as its memory backend, shared while saving and private when restored."""
+    qemu = _qemu(row)
+    ram = tmp_path / "ram"
+    with open(ram, "wb") as fh:
+        fh.truncate(256 << 20)
+    boot = BootSpec("tcg", 256, 1, tmp_path / "no-kernel", tmp_path / "no-initrd", "quiet")
+    argv = [qemu, "-nodefaults", "-display", "none",
+            "-machine", row.machine_for("tcg"), "-m", "256",
+            *ram_backend(256, str(ram), shared), "-kernel", str(boot.kernel)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert "no-kernel" in out.stderr, out.stderr
+    assert ram.stat().st_size == 256 << 20
 
 
 def test_argv_per_architecture_uses_its_transport_and_console():

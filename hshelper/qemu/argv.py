@@ -59,3 +59,15 @@ def qemu_argv(qemu: str, machine: Machine, boot: BootSpec, fds: dict[str, int],
     if machine.pvpanic:
         argv += ["-device", machine.pvpanic]  # a guest panic becomes a QMP event
     return argv + list(devices)
+
+
+RAM_ID = "hshram"
+
+
+def ram_backend(memory_mb: int, path: str, shared: bool) -> list[str]:
+    """Guest RAM in a file: shared (the saving VM: its memory is the file, which
+    becomes the saved state's RAM) or private (a restored VM: the saved RAM mapped
+    copy-on-write, so loading copies nothing and the file never changes)."""
+    return ["-object", f"memory-backend-file,id={RAM_ID},size={memory_mb}M,"
+                       f"mem-path={path},share={'on' if shared else 'off'}",
+            "-machine", f"memory-backend={RAM_ID}"]

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hshelper import cache
+from hshelper.qemu import ramfile
 
 DISK_SLOTS = 4
 SHARE_SLOTS = 4  # besides the build root's share
@@ -53,6 +54,10 @@ class State:
     key: str
 
     @property
+    def ram(self) -> Path:
+        return ramfile.ram_of(self.path)
+
+    @property
     def lock(self) -> Path:
         return self.path.with_name(self.path.name + ".lock")
 
@@ -70,6 +75,18 @@ def qemu_version(qemu: str, memo_dir: Path) -> str:
     with contextlib.suppress(OSError):
         memo.write_text(version)
     return version
+
+
+# The oldest qemu that can keep a state's RAM in a file: -machine memory-backend (5.0);
+# x-ignore-shared came in 4.0.
+MIN_QEMU = (5, 0)
+
+
+def new_enough(version: str) -> bool:
+    """Whether qemu's ``--version`` line names a qemu that can save states (an
+    unreadable line is taken to: a state that does not load only costs a cold boot)."""
+    found = re.search(r"version (\d+)\.(\d+)", version)
+    return found is None or (int(found[1]), int(found[2])) >= MIN_QEMU
 
 
 def host_cpu() -> str:
@@ -114,7 +131,7 @@ def usable(state: State) -> str | None:
     removed)."""
     if not state.path.exists():
         return "no saved state"
-    problem = cache.damage(state.path)
+    problem = cache.damage(state.path) or cache.damage(state.ram)
     if problem:
         discard(state)
         return f"the saved state was damaged ({problem}) and was removed"
@@ -123,6 +140,7 @@ def usable(state: State) -> str | None:
 
 def discard(state: State) -> None:
     cache.discard(state.path)
+    cache.discard(state.ram)
 
 
 @dataclass
@@ -132,6 +150,7 @@ class Saving:
 
     path: Path | None
     keep: bool = False
+    ram_crc: int | None = None  # the RAM file's CRC-32, computed as it was written
 
 
 @contextlib.contextmanager
@@ -149,11 +168,15 @@ def saving(state: State):
         try:
             yield slot
             if slot.keep:
+                # The RAM first: a state file is there only with its RAM.
+                os.replace(ramfile.ram_of(slot.path), state.ram)
+                cache.record(state.ram, slot.ram_crc)
                 os.replace(slot.path, state.path)
                 cache.record(state.path)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                slot.path.unlink()
+            for path in (slot.path, ramfile.ram_of(slot.path)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
 
 def placeholder(states_dir: Path) -> Path:

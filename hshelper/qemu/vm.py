@@ -26,8 +26,8 @@ from pathlib import Path
 
 from hshelper import guestabi
 from hshelper.errors import HshelperError
-from hshelper.qemu import outcome, process
-from hshelper.qemu.argv import BootSpec, qemu_argv
+from hshelper.qemu import outcome, process, ramfile
+from hshelper.qemu.argv import BootSpec, qemu_argv, ram_backend
 from hshelper.qemu.channels import Channels, Loop
 from hshelper.qemu.machines import Machine
 from hshelper.qemu.qmp import QMP
@@ -36,6 +36,9 @@ from hshelper.qemu.qmp import QMP
 # will resume it. BLOCK_IO_ERROR with action "stop" comes from werror=stop on a drive.
 FATAL_EVENTS = ("GUEST_PANICKED",)
 DRAIN_SECONDS = 2.0  # after qemu exits, how long buffered output may take to arrive
+# A saved state's stream leaves out the guest's RAM, which is a file of its own
+# (hshelper.qemu.ramfile): qemu skips RAM blocks that are shared file mappings.
+RAM_NOT_IN_STREAM = [{"capability": "x-ignore-shared", "state": True}]
 
 
 @dataclass
@@ -120,6 +123,7 @@ class VM:
         self.restore_from: Path | None = None  # a saved state to start from
         self.save_to: Path | None = None  # where to save the state at "ready"
         self.saved = False
+        self.ram_crc: int | None = None  # the saved RAM file's CRC-32
         self.restore_seconds: float | None = None
         self.save_seconds: float | None = None
         self.state_note = ""  # what happened to saving or restoring, for -v
@@ -132,12 +136,14 @@ class VM:
         self._plugin_reason = ""
         self._guest_error = ""
         self._loop: Loop | None = None
+        self._live_ram: int | None = None
 
     # ------------------------------------------------------------ start and stop
 
     def start(self, extra: tuple[str, ...] = ()) -> None:
         """Start qemu: a cold boot, or a saved state loaded (``restore_from``; raises
-        RestoreFailed when it does not load: nothing has run yet then)."""
+        RestoreFailed when it does not load: nothing has run yet then). A VM that is to
+        save (``save_to``) runs on RAM in a file, which the save copies out."""
         self.activity.started = time.monotonic()
         fds = list(self.channels.fds().values())
         state = None
@@ -148,21 +154,56 @@ class VM:
                 state = os.open(self.restore_from, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
                 raise RestoreFailed(f"cannot open the state: {exc.strerror}") from exc
-            extra = (*extra, "-incoming", f"fd:{state}")
+            # The RAM is mapped, not loaded; the device state comes once the migration
+            # capability that leaves RAM out of the stream is set (see _incoming).
+            ram = str(ramfile.ram_of(self.restore_from))
+            extra = (*extra, *ram_backend(self.boot.memory_mb, ram, shared=False),
+                     "-incoming", "defer")
             fds.append(state)
+        elif self.save_to is not None:
+            try:
+                self._live_ram = ramfile.live_ram(self.save_to.parent,
+                                                  self.boot.memory_mb << 20)
+            except OSError as exc:
+                self.save_to = None
+                self.state_note = f"no state saved: {exc}"
+            else:
+                extra = (*extra, *ram_backend(self.boot.memory_mb,
+                                              f"/proc/self/fd/{self._live_ram}", shared=True))
+                fds.append(self._live_ram)
         try:
             self.proc = process.spawn([*self.argv, *extra], fds)
-        finally:
+        except BaseException:
             if state is not None:
                 os.close(state)
+            self._close_live_ram()
+            raise
         self.channels.handed_over()
         if self.restore_from is not None:
+            try:
+                self._incoming(state)
+            finally:
+                os.close(state)
             self._await_restore()
         if self.forward_stdin:
             threading.Thread(target=self._pump_stdin, daemon=True).start()
         else:
             # The guest reads /dev/null then; closing tells qemu nobody will write.
             self.channels.ours[guestabi.STDIN].close()
+
+    def _close_live_ram(self) -> None:
+        if self._live_ram is not None:
+            os.close(self._live_ram)
+            self._live_ram = None
+
+    def _incoming(self, fd: int) -> None:
+        """Load the device state from ``fd`` (qemu started with ``-incoming defer``)."""
+        try:
+            self.qmp.execute("migrate-set-capabilities", capabilities=RAM_NOT_IN_STREAM)
+            self.qmp.execute("migrate-incoming", uri=f"fd:{fd}")
+        except (HshelperError, OSError) as exc:
+            self.kill()
+            raise RestoreFailed(str(exc)) from exc
 
     def _await_restore(self, timeout: float = 60.0) -> None:
         """Wait until the loaded guest runs (it continues where it said "ready")."""
@@ -198,18 +239,21 @@ class VM:
         try:
             # No bandwidth limit: the default (128 MiB/s) would make saving the slow part.
             self.qmp.execute("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+            self.qmp.execute("migrate-set-capabilities", capabilities=RAM_NOT_IN_STREAM)
             self.qmp.execute("stop")
             self.qmp.execute("migrate", uri=f"exec:cat > {shlex.quote(str(self.save_to))}")
             while True:
                 status = self.qmp.execute("query-migrate").get("status")
                 if status == "completed":
+                    self.ram_crc = ramfile.copy_sparse(
+                        self._live_ram, ramfile.ram_of(self.save_to), self.boot.memory_mb << 20)
                     self.saved = True
                     break
                 if status in ("failed", "cancelled") or time.monotonic() - started > 120:
                     self.state_note = f"saving the VM state failed (migration {status})"
                     break
                 time.sleep(0.02)
-        except HshelperError as exc:
+        except (HshelperError, OSError) as exc:
             self.state_note = f"saving the VM state failed: {exc}"
         finally:
             with contextlib.suppress(HshelperError, OSError):
@@ -329,6 +373,7 @@ class VM:
                 loop.close()
                 self.kill()
                 self.channels.close()
+                self._close_live_ram()
                 self.activity.finished.set()
         seen = outcome.Observed(
             status=self._status, ready=self._ready, started=self._started,
