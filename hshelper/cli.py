@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import re
 import select
@@ -19,14 +18,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-from hshelper import __version__, helptext
+from hshelper import __version__, helptext, trace
 from hshelper.config import Config, Layer, default_layer_paths, env_layer, read_toml_layer
 from hshelper.core import COMPRESSIONS
 from hshelper.errors import EXIT_FAILED, EXIT_USAGE, HshelperError
 from hshelper.pluginhost import PluginHost
 from hshelper.sysroot import Sysroot
 
-log = logging.getLogger("hshelper")
 COMMANDS = tuple(helptext.COMMANDS)
 EXIT_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a writer whose reader left
 
@@ -338,8 +336,8 @@ def _run_command(command: str, argv: list[str]) -> int:
         session = Session(argv, command)
         parser = session.parser()
         args = parser.parse_args(argv)
-        logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                            format="%(message)s")
+        if args.debug:
+            trace.enable()
         config = session.configure(args)
         if command in ("run", "helper-run"):
             answer = session.host.hook.hshelper_answer_on_host(args=args, config=config)

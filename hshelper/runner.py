@@ -9,14 +9,11 @@ The long-running qemu process is supervised by vm.py, not here.
 from __future__ import annotations
 
 import io
-import logging
 import os
-import shlex
 import subprocess
 
+from hshelper import trace
 from hshelper.errors import HshelperError
-
-log = logging.getLogger("hshelper")
 
 # Enough of the caller's environment for programs to find themselves and their locale.
 _KEEP = ("PATH", "LANG", "LC_ALL", "TMPDIR", "HOME")
@@ -34,7 +31,7 @@ def run(argv: list[str], data: bytes | None = None, hint: str | None = None,
     """Run ``argv`` to completion and return its stdout as bytes."""
     import sh  # here, not at the top: most runs (cache hits) never need it
 
-    log.debug("+ %s", shlex.join(argv))
+    trace.command(argv)
     out, err = io.BytesIO(), io.BytesIO()
     try:
         cmd = sh.Command(argv[0])
@@ -61,7 +58,7 @@ def pipe(argv: list[str], data: bytes, hint: str | None = None) -> bytes:
     Plain subprocess here, not ``sh``: sh feeds stdin in small chunks through Python,
     which made compressing a 25 MB archive take seconds instead of a tenth of one.
     """
-    log.debug("+ %s <%d bytes", shlex.join(argv), len(data))
+    trace.command(argv, f" <{len(data)} bytes")
     try:
         proc = subprocess.run(argv, input=data, capture_output=True, env=clean_env())
     except FileNotFoundError as exc:

@@ -10,10 +10,9 @@ kernel-modules.lst plus image.module_lists and image.modules. Config: image.prog
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
-from hshelper import kmod, reseed
+from hshelper import guest, kmod, reseed
 from hshelper.hookspecs import hookimpl
 from hshelper.model import Contents, Device, File, Program
 from hshelper.qemu import machines
@@ -38,7 +37,7 @@ DIRECTORIES = ("/proc", "/sys", "/dev", "/tmp", "/run", "/mnt", "/root", "/etc",
 def base_modules(config, machine) -> tuple[str, ...]:
     """Module names (kernel-modules.lst syntax): the machine's boot modules (its virtio
     transport, its panic notifier), the base list and the config's."""
-    text = resources.files("hshelper").joinpath("kernel-modules.lst").read_text()
+    text = (guest.DIR.parent / "kernel-modules.lst").read_text()
     wanted = kmod.parse_list("\n".join(machines.boot_modules(machine)), machine.arch)
     wanted += kmod.parse_list(text, "kernel-modules.lst")
     for extra in config.get("image", "module_lists"):
@@ -49,9 +48,8 @@ def base_modules(config, machine) -> tuple[str, ...]:
 
 @hookimpl
 def hshelper_image_contents(config, machine):
-    guest = resources.files("hshelper.guest")
-    init = guest.joinpath("init").read_bytes()
-    modprobe = guest.joinpath("modprobe").read_bytes()
+    init = guest.read("init")
+    modprobe = guest.read("modprobe")
     # util-linux mount where installed: busybox's cannot detect a filesystem's type, and
     # `mount /dev/vda2 /mnt` is what recipes write. /bin/sh is the build root's own (it
     # runs the init and every #!/bin/sh script), busybox's only where it is the shell.

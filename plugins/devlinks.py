@@ -21,9 +21,7 @@ No config keys.
 
 from __future__ import annotations
 
-from importlib import resources
-
-from hshelper import guestabi
+from hshelper import guest, guestabi
 from hshelper.guestrun import guest_env
 from hshelper.hookspecs import hookimpl
 from hshelper.model import Contents, File, Program
@@ -45,7 +43,7 @@ exit 0
 
 @hookimpl
 def hshelper_image_contents():
-    script = resources.files("hshelper.guest").joinpath("devlinks").read_bytes()
+    script = guest.read("devlinks")
     return Contents(files=(File("/hshelper/devlinks", data=script, mode=0o755),
                            File(STAND_IN, data=UDEVADM.encode(), mode=0o755),
                            File(REAL, data=b"", mode=0o755)),  # a mount point

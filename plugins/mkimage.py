@@ -42,7 +42,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,6 +214,8 @@ def check_room(job: Job, disk: int) -> None:
 
 
 def random_identifiers(table: str) -> Identifiers:
+    import uuid  # here: with platform, 2 ms of every run's start
+
     if table == "gpt":
         disk, partuuid = str(uuid.uuid4()), str(uuid.uuid4())
     else:
@@ -563,7 +564,7 @@ def _attach_and_fill(spec, config, args, job: Job, out: Disk, disk_bytes: int | 
         # The guest can wait for a fill running alongside its boot when it sees the
         # working directory (the markers are there).
         overlap = not getattr(args, "no_share_cwd", False) and spec.cwd != "/"
-        marker = cwd / f".hshelper-fill-{uuid.uuid4().hex[:12]}" if overlap else None
+        marker = cwd / f".hshelper-fill-{os.urandom(6).hex()}" if overlap else None
         digest = job.get("--root-sha256").lower()
         if repro and not digest and kind != "dir":
             digest = reproducible.file_sha256(source)

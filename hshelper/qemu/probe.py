@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -88,9 +86,9 @@ def kernel_argv(qemu: str, machine: Machine, kernel: Path, accel: str = "kvm",
 def same_architecture(machine: Machine) -> str | None:
     """Why KVM cannot run this machine's guests here (None: it could)."""
     try:
-        host = lookup(platform.machine())
+        host = lookup(os.uname().machine)
     except Exception:  # noqa: BLE001 - an unknown host architecture
-        return f"the host's architecture {platform.machine()} has no helper VM row"
+        return f"the host's architecture {os.uname().machine} has no helper VM row"
     if host.qemu != machine.qemu:
         return (f"KVM runs guests of the host's architecture ({host.arch}); this guest is "
                 f"{machine.arch}")
@@ -148,6 +146,8 @@ def run_probe(qemu: str, machine: Machine, kernel: Path | None, accel: str, time
         # A whole kernel boot: give it more time than the firmware's few instructions.
         return _run(kernel_argv(qemu, machine, kernel, accel, extra), accel, timeout * 3, 0,
                     "the kernel to its no-root panic")
+    import tempfile  # only a probe needs it
+
     fd, firmware = tempfile.mkstemp(prefix="hshelper-probe-", suffix=".bin")
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import logging
 import os
-import shlex
 import signal
 import subprocess
 
+from hshelper import trace
 from hshelper.errors import HshelperError
 
-log = logging.getLogger("hshelper")
 PR_SET_PDEATHSIG = 1
 
 
@@ -29,7 +27,7 @@ def _die_with_parent() -> None:
 
 def spawn(argv: list[str], pass_fds: list[int]) -> subprocess.Popen:
     """Start qemu: stdin and stdout closed, stderr a pipe for the caller."""
-    log.debug("+ %s", shlex.join(argv))
+    trace.command(argv)
     try:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, pass_fds=pass_fds,
