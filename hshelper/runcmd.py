@@ -287,7 +287,7 @@ def run_vm(host, spec: RunSpec, vm: VM, make_vm, state, stop: StopRequest, limit
         vm.save_to = target.path
         outcome = run(vm)
         target.keep = vm.saved
-        target.ram_crc = vm.ram_crc
+        target.crc = vm.state_crc
         how.update(how="saved" if vm.saved else "booted")
         note(vm.state_note or (f"saved the VM state in {vm.save_seconds:.2f} s"
                                if vm.saved else ""))

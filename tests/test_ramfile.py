@@ -38,13 +38,20 @@ def test_copy_sparse_keeps_content_and_makes_zero_pages_holes(tmp_path):
         fh.seek(size - 1)
         fh.write(b"\3")
     dest = tmp_path / "saved"
-    fd = os.open(src, os.O_RDONLY)
+    with open(dest, "wb") as fh:  # as a state file is made: room for the RAM, a stream
+        fh.truncate(size)
+    with open(dest, "ab") as fh:
+        fh.write(b"QEVM stream")
+    fd, out = os.open(src, os.O_RDONLY), os.open(dest, os.O_RDWR)
     try:
-        crc = ramfile.copy_sparse(fd, dest, size)
+        crc = ramfile.copy_sparse(fd, out, size)
+        assert crc == zlib.crc32(src.read_bytes())
+        crc = ramfile.crc_from(out, size, crc)
     finally:
         os.close(fd)
+        os.close(out)
     content = dest.read_bytes()
-    assert content == src.read_bytes()
+    assert content == src.read_bytes() + b"QEVM stream"
     assert crc == zlib.crc32(content)
     # Three data pages (the last one's tail) at most, not the written megabyte of zeros.
     assert dest.stat().st_blocks * 512 <= 4 * 4096 + (64 << 10)
@@ -60,6 +67,16 @@ def test_live_ram_is_nameless_and_sized(tmp_path, monkeypatch):
     finally:
         os.close(fd)
     assert set(os.listdir(tmp_path)) == before
+
+
+def test_qemu_opens_an_inherited_descriptor_by_its_proc_path(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.path.samefile(ramfile.fd_path(fd), path)
+    finally:
+        os.close(fd)
 
 
 def test_live_ram_refuses_a_filesystem_without_room(tmp_path, monkeypatch):

@@ -1,16 +1,19 @@
 """Guest RAM in files, for saved VM states.
 
-A saved state keeps the guest's RAM beside qemu's device state, as a file of the
-guest's memory size. A restored VM maps that file copy-on-write (``share=off``) and
-qemu's stream skips the RAM (the ``x-ignore-shared`` capability), so a restore reads
-none of it up front: the guest faults in the pages it touches from the page cache,
-which parallel restores of one state share. Loading the whole RAM from the stream
-took 0.09 s of every restore here and up to 0.35 s after an idle spell (the host is a
-VM whose free memory goes back to its hypervisor); mapping it takes ~0.05 s in all.
+A saved state file starts with the guest's RAM, as many bytes as the guest has memory
+(sparse: pages of zeros are holes), and qemu's device state stream follows it. A
+restored VM maps the RAM part copy-on-write (``share=off``: the file never changes)
+and qemu's stream leaves the RAM out (the ``x-ignore-shared`` capability), so a restore
+reads none of it up front: the guest faults in the pages it touches from the page
+cache, which parallel restores of one state share. Loading the whole RAM from the
+stream took 0.09 s of every restore here and up to 0.35 s after an idle spell (this
+host is a VM whose free memory goes back to its hypervisor). One file, not two: it is
+replaced in one rename, so no restore can pair one save's RAM with another's devices.
 
 The VM that saves runs on a shared mapping of a nameless file (no file is left
 behind however it ends), and its RAM is copied out while it is stopped for the save,
-because it goes on to run its command in that memory.
+because it goes on to run its command in that memory. qemu opens both files as
+``/proc/self/fd/N``: the very files hshelper opened and checked.
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ CHUNK = 1 << 20
 LIVE_DIRS = (Path("/dev/shm"),)
 
 
-def ram_of(state: Path) -> Path:
-    """The RAM file that belongs to the saved state ``state``."""
-    return state.with_name(state.name + ".ram")
+def fd_path(fd: int) -> str:
+    """The path through which qemu opens a descriptor it inherited (Linux's /proc)."""
+    path = f"/proc/self/fd/{fd}"
+    if not os.path.exists(path):
+        raise OSError("/proc is not mounted: qemu could not open the guest's RAM file")
+    return path
 
 
 def live_ram(fallback_dir: Path, size: int) -> int:
@@ -84,27 +90,35 @@ def nonzero_runs(data: bytes | memoryview, page: int = PAGE) -> list[tuple[int, 
     return runs
 
 
-def copy_sparse(src: int, dest: Path, size: int) -> int:
-    """Write the first ``size`` bytes of the file open as ``src`` to ``dest``: pages of
-    zeros become holes (a third of a booted guest's touched memory here). Returns the
-    CRC-32 of the ``size`` bytes, holes included, for the cache record (reading the
-    file again for it took 0.5 s)."""
+def copy_sparse(src: int, dest: int, size: int) -> int:
+    """Copy the first ``size`` bytes of the file open as ``src`` into the file open as
+    ``dest`` (where they are holes so far) at the same offsets: pages of zeros stay
+    holes (a third of a booted guest's touched memory here). Returns the CRC-32 of the
+    ``size`` bytes, holes included, for the cache record (reading the file again for it
+    took 0.5 s)."""
     crc = 0
     done = 0
-    with open(dest, "wb") as out:
-        out.truncate(size)
-        for start, end in _data_extents(src, size):
-            crc = crc32_zeros(crc, start - done)
-            for offset in range(start, end, CHUNK):
-                chunk = os.pread(src, min(CHUNK, end - offset), offset)
-                if len(chunk) != min(CHUNK, end - offset):
-                    raise OSError(f"short read of the guest's RAM at {offset}")
-                crc = zlib.crc32(chunk, crc)
-                view = memoryview(chunk)
-                for run, length in nonzero_runs(view):
-                    os.pwrite(out.fileno(), view[run:run + length], offset + run)
-            done = end
+    for start, end in _data_extents(src, size):
+        crc = crc32_zeros(crc, start - done)
+        for offset in range(start, end, CHUNK):
+            chunk = os.pread(src, min(CHUNK, end - offset), offset)
+            if len(chunk) != min(CHUNK, end - offset):
+                raise OSError(f"short read of the guest's RAM at {offset}")
+            crc = zlib.crc32(chunk, crc)
+            view = memoryview(chunk)
+            for run, length in nonzero_runs(view):
+                os.pwrite(dest, view[run:run + length], offset + run)
+        done = end
     return crc32_zeros(crc, size - done)
+
+
+def crc_from(fd: int, offset: int, crc: int) -> int:
+    """``crc`` continued over the file open as ``fd`` from ``offset`` to its end (the
+    device state after the RAM)."""
+    while chunk := os.pread(fd, CHUNK, offset):
+        crc = zlib.crc32(chunk, crc)
+        offset += len(chunk)
+    return crc
 
 
 # CRC-32 (zlib's) of zero bytes without reading them: appending a zero byte to a CRC's

@@ -9,9 +9,11 @@ the run script, the shares (9p devices present but not yet mounted) and the disk
 A state is a cache entry keyed by everything that makes it valid (:func:`key`): the
 qemu binary and its version, the whole command line with the per-run paths taken out,
 the kernel and initrd files' identities, hshelper's own code, and under KVM the host's
-CPU. It is written atomically with a size+CRC record, checked before use, shared
-read-only by parallel runs (one of them saves, under a lock; the others just boot), and
-discarded when it fails to restore.
+CPU. It is one file, the guest's RAM and then qemu's device state
+(hshelper.qemu.ramfile: the RAM is mapped at restore, not loaded), written atomically
+with a size+CRC record, checked before use, shared read-only by parallel runs (one of
+them saves, under a lock; the others just boot), and discarded when it fails to
+restore.
 
 Uniqueness: every restore starts from the same RNG state. The machine gets a ``vmgenid``
 device whose generation ID qemu renews at every incoming migration; Linux (5.18+, with
@@ -34,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hshelper import cache
-from hshelper.qemu import ramfile
 
 DISK_SLOTS = 4
 SHARE_SLOTS = 4  # besides the build root's share
@@ -52,10 +53,6 @@ class State:
 
     path: Path
     key: str
-
-    @property
-    def ram(self) -> Path:
-        return ramfile.ram_of(self.path)
 
     @property
     def lock(self) -> Path:
@@ -131,7 +128,7 @@ def usable(state: State) -> str | None:
     removed)."""
     if not state.path.exists():
         return "no saved state"
-    problem = cache.damage(state.path) or cache.damage(state.ram)
+    problem = cache.damage(state.path)
     if problem:
         discard(state)
         return f"the saved state was damaged ({problem}) and was removed"
@@ -140,7 +137,6 @@ def usable(state: State) -> str | None:
 
 def discard(state: State) -> None:
     cache.discard(state.path)
-    cache.discard(state.ram)
 
 
 @dataclass
@@ -150,7 +146,7 @@ class Saving:
 
     path: Path | None
     keep: bool = False
-    ram_crc: int | None = None  # the RAM file's CRC-32, computed as it was written
+    crc: int | None = None  # the file's CRC-32, computed as it was written
 
 
 @contextlib.contextmanager
@@ -168,15 +164,11 @@ def saving(state: State):
         try:
             yield slot
             if slot.keep:
-                # The RAM first: a state file is there only with its RAM.
-                os.replace(ramfile.ram_of(slot.path), state.ram)
-                cache.record(state.ram, slot.ram_crc)
                 os.replace(slot.path, state.path)
-                cache.record(state.path)
+                cache.record(state.path, slot.crc)
         finally:
-            for path in (slot.path, ramfile.ram_of(slot.path)):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                slot.path.unlink()
 
 
 def placeholder(states_dir: Path) -> Path:

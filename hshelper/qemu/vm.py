@@ -123,7 +123,7 @@ class VM:
         self.restore_from: Path | None = None  # a saved state to start from
         self.save_to: Path | None = None  # where to save the state at "ready"
         self.saved = False
-        self.ram_crc: int | None = None  # the saved RAM file's CRC-32
+        self.state_crc: int | None = None  # the saved file's CRC-32
         self.restore_seconds: float | None = None
         self.save_seconds: float | None = None
         self.state_note = ""  # what happened to saving or restoring, for -v
@@ -150,13 +150,20 @@ class VM:
         if self.restore_from is not None:
             # qemu reads the file itself: through "exec:cat" (a shell, cat and a pipe)
             # loading took half as long again, and now and then three times as long.
+            # One descriptor for both parts (hshelper.qemu.ramfile): the RAM, mapped
+            # from the file's start, and the device state after it, read from where
+            # the descriptor stands once the capability that leaves RAM out of the
+            # stream is set (see _incoming).
             try:
                 state = os.open(self.restore_from, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
                 raise RestoreFailed(f"cannot open the state: {exc.strerror}") from exc
-            # The RAM is mapped, not loaded; the device state comes once the migration
-            # capability that leaves RAM out of the stream is set (see _incoming).
-            ram = str(ramfile.ram_of(self.restore_from))
+            try:
+                os.lseek(state, self.boot.memory_mb << 20, os.SEEK_SET)
+                ram = ramfile.fd_path(state)
+            except OSError as exc:
+                os.close(state)
+                raise RestoreFailed(str(exc)) from exc
             extra = (*extra, *ram_backend(self.boot.memory_mb, ram, shared=False),
                      "-incoming", "defer")
             fds.append(state)
@@ -164,12 +171,13 @@ class VM:
             try:
                 self._live_ram = ramfile.live_ram(self.save_to.parent,
                                                   self.boot.memory_mb << 20)
+                ram = ramfile.fd_path(self._live_ram)
             except OSError as exc:
+                self._close_live_ram()
                 self.save_to = None
                 self.state_note = f"no state saved: {exc}"
             else:
-                extra = (*extra, *ram_backend(self.boot.memory_mb,
-                                              f"/proc/self/fd/{self._live_ram}", shared=True))
+                extra = (*extra, *ram_backend(self.boot.memory_mb, ram, shared=True))
                 fds.append(self._live_ram)
         try:
             self.proc = process.spawn([*self.argv, *extra], fds)
@@ -236,17 +244,21 @@ class VM:
         means no state is kept: this run continues either way."""
         assert self.save_to is not None
         started = time.monotonic()
+        ram_size = self.boot.memory_mb << 20
         try:
+            # The file starts with room for the RAM (holes, filled after the migration);
+            # qemu's stream is appended after it.
+            with open(self.save_to, "wb") as fh:
+                fh.truncate(ram_size)
             # No bandwidth limit: the default (128 MiB/s) would make saving the slow part.
             self.qmp.execute("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
             self.qmp.execute("migrate-set-capabilities", capabilities=RAM_NOT_IN_STREAM)
             self.qmp.execute("stop")
-            self.qmp.execute("migrate", uri=f"exec:cat > {shlex.quote(str(self.save_to))}")
+            self.qmp.execute("migrate", uri=f"exec:cat >> {shlex.quote(str(self.save_to))}")
             while True:
                 status = self.qmp.execute("query-migrate").get("status")
                 if status == "completed":
-                    self.ram_crc = ramfile.copy_sparse(
-                        self._live_ram, ramfile.ram_of(self.save_to), self.boot.memory_mb << 20)
+                    self.state_crc = self._write_ram(ram_size)
                     self.saved = True
                     break
                 if status in ("failed", "cancelled") or time.monotonic() - started > 120:
@@ -259,6 +271,16 @@ class VM:
             with contextlib.suppress(HshelperError, OSError):
                 self.qmp.execute("cont")
         self.save_seconds = time.monotonic() - started
+
+    def _write_ram(self, size: int) -> int:
+        """Copy the stopped guest's RAM into the state file's start; its CRC-32."""
+        assert self.save_to is not None and self._live_ram is not None
+        fd = os.open(self.save_to, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            crc = ramfile.copy_sparse(self._live_ram, fd, size)
+            return ramfile.crc_from(fd, size, crc)
+        finally:
+            os.close(fd)
 
     def kill(self) -> None:
         process.kill(self.proc)
