@@ -9,7 +9,6 @@ suggesting the nearest declared one.
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
 from dataclasses import dataclass
@@ -19,20 +18,27 @@ from typing import Any
 from hshelper.errors import EXIT_FAILED, EXIT_USAGE, HshelperError
 from hshelper.sizes import UNIT_NAMES, parse_size
 
-if sys.version_info >= (3, 11):
-    import tomllib
 
-    def _loads(text: str) -> dict:
-        return tomllib.loads(text)
+def _loads(text: str) -> dict:
+    """TOML text as a dict; raises _TomlError. The parser is imported here, when there
+    is a file to read (4 ms of every run's start otherwise)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
 
-    _TomlError: type[Exception] = tomllib.TOMLDecodeError
-else:  # pragma: no cover - exercised on RHEL 9's Python 3.9
-    import toml
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise _TomlError(str(exc)) from exc
+    import toml  # pragma: no cover - exercised on RHEL 9's Python 3.9
 
-    def _loads(text: str) -> dict:
+    try:  # pragma: no cover
         return toml.loads(text)
+    except toml.TomlDecodeError as exc:  # pragma: no cover
+        raise _TomlError(str(exc)) from exc
 
-    _TomlError = toml.TomlDecodeError
+
+class _TomlError(Exception):
+    """A TOML file that does not parse (from tomllib or, before Python 3.11, toml)."""
 
 
 @dataclass(frozen=True)
@@ -181,6 +187,8 @@ class Config:
                 key = self.keys.get(dotted)
                 status = EXIT_USAGE if layer.usage else EXIT_FAILED
                 if key is None:
+                    import difflib  # only for a mistyped key
+
                     near = difflib.get_close_matches(dotted, self.keys, n=1)
                     hint = f"; did you mean {near[0]}?" if near else ""
                     raise HshelperError(f"{layer.origin}: unknown config key {dotted}{hint}",

@@ -10,7 +10,6 @@ a disk, MiB for memory (as qemu's ``-m`` reads it).
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
 
 from hshelper.errors import HshelperError
 
@@ -30,13 +29,12 @@ def parse_size(text: str, default_unit: int = 1, unit: int = 1) -> int:
     if not match:
         raise HshelperError(f"bad size {text!r}: use a number with an optional K, M, G or T "
                             "(powers of 1024)", status=2)
-    try:
-        number = Decimal(match.group(1))
-    except InvalidOperation as exc:  # pragma: no cover - the pattern admits only digits
-        raise HshelperError(f"bad size {text!r}", status=2) from exc
+    # Exact integer arithmetic: "1.5" is 15/10 (decimal's import cost 1.6 ms a run).
+    whole, _, fraction = match.group(1).partition(".")
+    numerator, denominator = int(whole + fraction), 10 ** len(fraction)
     factor = UNITS[match.group(2)] if match.group(2) else default_unit
-    size = number * factor / unit
-    if size != size.to_integral_value():
+    size, rest = divmod(numerator * factor, denominator * unit)
+    if rest:
         raise HshelperError(f"bad size {text!r}: not a whole number of "
                             f"{UNIT_NAMES.get(unit, f'{unit}-byte units')}", status=2)
-    return int(size)
+    return size
