@@ -454,11 +454,11 @@ def boot_and_run(host, plan: VMPlan, target: Target, accel: Accel, image: ImageR
             print("hshelper: a root shell in the helper VM; leave with exit or Ctrl-D "
                   "(Ctrl-C stops the VM)", file=sys.stderr, flush=True)
         state = None
-        if plan.slot_dir and savedstate.new_enough(
-                savedstate.qemu_version(target.qemu, plan.slot_dir)):
+        version = savedstate.qemu_version(target.qemu, plan.slot_dir) if plan.slot_dir else ""
+        if plan.slot_dir and savedstate.new_enough(version):
             state = savedstate.entry(plan.slot_dir, savedstate.key(
-                target.qemu, vm.argv, plan.boot.kernel, plan.boot.initrd, accel.name,
-                initrd.code_digest(), plan.slot_dir))
+                version, vm.argv, plan.boot.kernel, plan.boot.initrd, accel.name,
+                initrd.code_digest()))
         outcome = run_vm(host, spec, vm, make_vm, state, stop, limits, plan.script,
                          started_how)
     finally:

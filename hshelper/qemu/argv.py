@@ -22,6 +22,10 @@ class BootSpec:
     cmdline: str
     tcg_cpu: str = ""  # overrides the machine row's CPU model under TCG
 
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory_mb << 20
+
 
 def qemu_argv(qemu: str, machine: Machine, boot: BootSpec, fds: dict[str, int],
               devices: list[str]) -> list[str]:

@@ -171,17 +171,14 @@ def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     """The file's data extents below ``size`` (all of it where SEEK_DATA is missing)."""
     extents: list[tuple[int, int]] = []
     pos = 0
-    try:
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # no data after pos
-                    break
-                raise
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
             hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
-            extents.append((data, hole))
-            pos = hole
-    except OSError:
-        return [(0, size)]
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos
+                break
+            return [(0, size)]
+        extents.append((data, hole))
+        pos = hole
     return extents

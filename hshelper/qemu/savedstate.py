@@ -110,10 +110,10 @@ def shape(argv: list[str]) -> list[str]:
                               _RUN_OPTIONAL.sub("", a)) for a in argv]
 
 
-def key(qemu: str, argv: list[str], kernel: Path, initrd: Path, accel: str,
-        code_digest: str, states_dir: Path) -> str:
-    """The cache key of a state for this machine."""
-    material = {"qemu": qemu_version(qemu, states_dir), "argv": shape(argv[1:]),
+def key(version: str, argv: list[str], kernel: Path, initrd: Path, accel: str,
+        code_digest: str) -> str:
+    """The cache key of a state for this machine (``version``: :func:`qemu_version`)."""
+    material = {"qemu": version, "argv": shape(argv[1:]),
                 "kernel": file_identity(kernel), "initrd": file_identity(initrd),
                 "code": code_digest, "cpu": host_cpu() if accel == "kvm" else ""}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]

@@ -159,7 +159,7 @@ class VM:
             except OSError as exc:
                 raise RestoreFailed(f"cannot open the state: {exc.strerror}") from exc
             try:
-                os.lseek(state, self.boot.memory_mb << 20, os.SEEK_SET)
+                os.lseek(state, self.boot.memory_bytes, os.SEEK_SET)
                 ram = ramfile.fd_path(state)
             except OSError as exc:
                 os.close(state)
@@ -169,8 +169,7 @@ class VM:
             fds.append(state)
         elif self.save_to is not None:
             try:
-                self._live_ram = ramfile.live_ram(self.save_to.parent,
-                                                  self.boot.memory_mb << 20)
+                self._live_ram = ramfile.live_ram(self.save_to.parent, self.boot.memory_bytes)
                 ram = ramfile.fd_path(self._live_ram)
             except OSError as exc:
                 self._close_live_ram()
@@ -244,12 +243,11 @@ class VM:
         means no state is kept: this run continues either way."""
         assert self.save_to is not None
         started = time.monotonic()
-        ram_size = self.boot.memory_mb << 20
         try:
             # The file starts with room for the RAM (holes, filled after the migration);
             # qemu's stream is appended after it.
             with open(self.save_to, "wb") as fh:
-                fh.truncate(ram_size)
+                fh.truncate(self.boot.memory_bytes)
             # No bandwidth limit: the default (128 MiB/s) would make saving the slow part.
             self.qmp.execute("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
             self.qmp.execute("migrate-set-capabilities", capabilities=RAM_NOT_IN_STREAM)
@@ -258,7 +256,7 @@ class VM:
             while True:
                 status = self.qmp.execute("query-migrate").get("status")
                 if status == "completed":
-                    self.state_crc = self._write_ram(ram_size)
+                    self.state_crc = self._write_ram()
                     self.saved = True
                     break
                 if status in ("failed", "cancelled") or time.monotonic() - started > 120:
@@ -272,11 +270,12 @@ class VM:
                 self.qmp.execute("cont")
         self.save_seconds = time.monotonic() - started
 
-    def _write_ram(self, size: int) -> int:
+    def _write_ram(self) -> int:
         """Copy the stopped guest's RAM into the state file's start; its CRC-32."""
         assert self.save_to is not None and self._live_ram is not None
         fd = os.open(self.save_to, os.O_RDWR | os.O_CLOEXEC)
         try:
+            size = self.boot.memory_bytes
             crc = ramfile.copy_sparse(self._live_ram, fd, size)
             return ramfile.crc_from(fd, size, crc)
         finally:
