@@ -216,7 +216,10 @@ def restores_unsafe(machine: Machine, kernel_version: str,
                     kconfig: dict[str, str]) -> str | None:
     """Why restores of this machine and kernel would share one RNG state (so saved
     states are never used for them), or None: x86 relies on vmgenid in the kernel, the
-    other machines on hshelper.reseed's program and RNDRESEEDCRNG."""
+    other machines on hshelper.reseed's program and RNDRESEEDCRNG; or why a restored
+    guest of this machine would not run right."""
+    if not machine.restores:
+        return f"a restored {machine.arch} guest gets no timer interrupts under QEMU 7.2"
     if machine.vmgenid:
         if kconfig and kconfig.get("CONFIG_VMGENID") != "y":
             return "the kernel has no CONFIG_VMGENID"
@@ -235,15 +238,13 @@ def saved_state_dir(config, spec: RunSpec, image, machine: Machine,
     vmgenid on a machine that relies on it, or one without RNDRESEEDCRNG on a machine
     that reseeds by itself (restores would share their RNG state), a kernel with
     virtio_blk built in (its driver would bind the placeholder disks before the save),
-    disks on a machine that cannot restore with them, or more disks or shares than
+    a machine whose restored guests do not run right, or more disks or shares than
     there are slots."""
     if not config.get("run", "saved_states"):
         return None
     if restores_unsafe(machine, image.kernel_version, kconfig):
         return None
     if "virtio_blk" in image.features and "virtio_blk" not in image.modules:
-        return None
-    if spec.disks and not machine.restore_with_disks:
         return None
     shares = [s for s in spec.shares if s.automount]
     if len(spec.disks) > savedstate.DISK_SLOTS or len(shares) > savedstate.SHARE_SLOTS:
@@ -493,8 +494,7 @@ def states_line(config, machine: Machine, kernel_version: str,
         return f"never ({why}): every run boots"
     how = ("the kernel reseeds its RNG through vmgenid" if machine.vmgenid else
            "the guest reseeds its RNG with RNDRESEEDCRNG")
-    disks = "" if machine.restore_with_disks else f"; runs with disks boot on {machine.arch}"
-    return f"on: the first run saves one, later runs restore it ({how}){disks}"
+    return f"on: the first run saves one, later runs restore it ({how})"
 
 
 def print_info(session, args, config, sysroot: Sysroot) -> None:
