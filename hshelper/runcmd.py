@@ -214,10 +214,10 @@ def find_command(spec: RunSpec, sysroot: Sysroot) -> RunSpec:
 
 def restores_unsafe(machine: Machine, kernel_version: str,
                     kconfig: dict[str, str]) -> str | None:
-    """Why restores of this machine and kernel would share one RNG state (so saved
-    states are never used for them), or None: x86 relies on vmgenid in the kernel, the
-    other machines on hshelper.reseed's program and RNDRESEEDCRNG; or why a restored
-    guest of this machine would not run right."""
+    """Why saved states are never used for this machine and kernel, or None: a machine
+    whose restored guests do not run right (Machine.restores), or restores that would
+    share one RNG state (x86 relies on vmgenid in the kernel, the other machines on
+    hshelper.reseed's program and RNDRESEEDCRNG)."""
     if not machine.restores:
         return f"a restored {machine.arch} guest gets no timer interrupts under QEMU 7.2"
     if machine.vmgenid:
