@@ -100,3 +100,38 @@ def test_wait_event_returns_when_a_real_qemu_sends_it_and_false_when_it_never_co
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_an_event_read_with_an_answer_counts_for_a_wait_since_before_it():
+    """qemu answers, then sends the event; read late, both come in one chunk. A wait
+    that starts after execute() misses it unless it counts from before."""
+    ours, theirs = socket.socketpair()
+
+    def serve():
+        reader = theirs.makefile("rb")
+        theirs.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+        json.loads(reader.readline())  # qmp_capabilities
+        theirs.sendall(b'{"return": {}, "id": 1}\n')
+        msg = json.loads(reader.readline())
+        theirs.sendall(json.dumps({"return": {"status": "inmigrate"}, "id": msg["id"]})
+                       .encode() + b'\n{"event": "RESUME", "data": {}}\n')
+    threading.Thread(target=serve, daemon=True).start()
+    qmp = QMP(ours)
+    mark = len(qmp.events)
+    time.sleep(0.3)  # the reply and the event are both in the socket now
+    assert qmp.execute("query-status", timeout=5) == {"status": "inmigrate"}
+    assert not qmp.wait_event("RESUME", timeout=0.3)
+    assert qmp.wait_event("RESUME", timeout=0.3, since=mark)
+
+
+def test_an_answer_in_the_read_that_ends_at_the_deadline_counts():
+    ours, theirs = socket.socketpair()
+    qmp = QMP(ours, greeted=True)
+    real_pump = qmp.pump
+
+    def slow_pump(timeout):  # the answer comes in, but the read took past the deadline
+        theirs.sendall(b'{"return": {"status": "running"}, "id": 1}\n')
+        time.sleep(timeout + 0.1)
+        return real_pump(0)
+    qmp.pump = slow_pump
+    assert qmp.execute("query-status", timeout=0.2) == {"status": "running"}

@@ -155,6 +155,85 @@ def test_a_state_that_does_not_load_is_removed_and_the_run_boots(root):
     assert "saved the VM state" in err  # and a good one replaces it
 
 
+# helper-run as installed in the root, with one of hshelper's own functions changed
+# first: the way to give a real qemu a fault that cannot be made from outside.
+WITH_FAULT = """import sys
+sys.path.insert(0, "/opt/hshelper")
+from hshelper.qemu import qmp, vm
+{fault}
+from hshelper.cli import helper_run_main
+sys.exit(helper_run_main())
+"""
+
+# The load never ends: migrate-incoming is not sent, so qemu waits in "inmigrate" (as
+# one whose load stalls would), and the wait for it is cut to 2 s.
+STALLED_LOAD = """vm.VM._incoming = lambda self, fd: None
+vm.VM._await_restore.__defaults__ = (2.0,)"""
+
+# qemu loads the state for real (the run's disk is active in it, locked), then the run
+# gives up on it anyway: what the missed RESUME (below) made the 60 s wait do.
+GIVEN_UP = """await_restore = vm.VM._await_restore
+def given_up(self, timeout=60.0):
+    await_restore(self, timeout)
+    raise vm.RestoreFailed("given up on after it loaded")
+vm.VM._await_restore = given_up"""
+
+# hshelper reads its control channel late (a busy host): qemu's answer to query-status
+# ("inmigrate") and the RESUME after it arrive in one read.
+LATE_READER = """import time
+send, pump, last = qmp.QMP.send, qmp.QMP.pump, []
+def late_send(self, command, **arguments):
+    last[:] = [command]
+    return send(self, command, **arguments)
+def late_pump(self, timeout):
+    if last == ["query-status"]:
+        time.sleep(1.0)
+    return pump(self, timeout)
+qmp.QMP.send, qmp.QMP.pump = late_send, late_pump"""
+
+
+def helper_run_with(root, fault, *argv, cwd=chroot.HOME):
+    return chroot.run(root, ["python3", "-c", WITH_FAULT.format(fault=fault), "-v", *argv],
+                      cwd=cwd)
+
+
+@pytest.mark.parametrize("fault, reason", [
+    (STALLED_LOAD, "the VM did not load within 2 s"),
+    (GIVEN_UP, "given up on after it loaded"),
+], ids=["stalled", "given-up"])
+def test_a_restore_that_fails_gives_way_to_a_boot_with_the_same_disk(root, fault, reason):
+    """A qemu that loaded the state holds the run's disk (its image lock): it must be
+    gone before the cold boot opens the disk again. (It was not: the boot failed with
+    qemu's 'Is another process using the image', seen once on s390x under load.)"""
+    fresh(root)
+    work = chroot.fresh_dir(root, "failed-restore")
+    run_ok(root, "true")
+    script = "printf 'label: gpt\\n,,L\\n' | sfdisk -q $HSHELPER_DISK_OUT && echo made"
+    proc = helper_run_with(root, fault, "--disk", "out.img,size=64M,name=out",
+                           "--timeout", "120", "sh", "-c", script, cwd=work)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert proc.stdout == b"made\n"
+    assert f"the saved VM state did not load ({reason})" in err, err
+    dump = subprocess.run(["sfdisk", "-d", str(root / work.lstrip("/") / "out.img")],
+                          capture_output=True, text=True)
+    assert "label: gpt" in dump.stdout
+    assert chroot.wait_no_qemu(root)
+
+
+def test_a_restore_read_late_is_not_mistaken_for_a_stalled_one(root):
+    """The RESUME that came in the same read as an answer counts (it was dropped, and
+    the run waited 60 s for an event it already had, then booted cold)."""
+    fresh(root)
+    run_ok(root, "true")
+    started = time.monotonic()
+    proc = helper_run_with(root, LATE_READER, "sh", "-c", "echo late-ok")
+    err = proc.stderr.decode()
+    assert proc.returncode == 0 and proc.stdout == b"late-ok\n", err
+    assert "restored the saved VM state" in err, err
+    assert time.monotonic() - started < 40, err
+
+
 # A guest whose RNG reseed fails at boot (hshelper/reseed.py's program, stood in for by
 # a script that fails as the ioctl would on a kernel without RNDRESEEDCRNG).
 FAILING_RESEED = b"""\

@@ -101,16 +101,20 @@ class QMP:
             message = self.answer(ident)
             if message is not None:
                 return message.get("return")
-            if not self.pump(deadline - time.monotonic()):
-                raise HshelperError(f"qemu closed its control channel during {command}")
+            # The deadline is checked before a read, so an answer in the last read counts.
             if time.monotonic() >= deadline:
                 raise HshelperError(f"qemu did not answer {command} within {timeout:g} s")
+            if not self.pump(deadline - time.monotonic()):
+                raise HshelperError(f"qemu closed its control channel during {command}")
 
-    def wait_event(self, name: str, timeout: float) -> bool:
+    def wait_event(self, name: str, timeout: float, since: int | None = None) -> bool:
         """Read the socket until event ``name`` arrives (True), or until ``timeout`` or
-        the socket's end (False). Only events that arrive during the wait count."""
+        the socket's end (False). The events counted are those from index ``since`` of
+        :attr:`events` on; by default only those that arrive during the wait. An event
+        read together with a command's answer is already in :attr:`events` when
+        :meth:`execute` returns: a caller that must not miss it passes ``since``."""
         deadline = time.monotonic() + timeout
-        seen = len(self.events)
+        seen = len(self.events) if since is None else since
         while True:
             if any(e.get("event") == name for e in self.events[seen:]):
                 return True

@@ -188,10 +188,16 @@ class VM:
         self.channels.handed_over()
         if self.restore_from is not None:
             try:
-                self._incoming(state)
-            finally:
-                os.close(state)
-            self._await_restore()
+                try:
+                    self._incoming(state)
+                finally:
+                    os.close(state)
+                self._await_restore()
+            except BaseException:
+                # The caller boots another VM with the same disks: this qemu must be
+                # gone first (it holds their image locks), and so must its heartbeat.
+                self._abandon()
+                raise
         if self.forward_stdin:
             threading.Thread(target=self._pump_stdin, daemon=True).start()
         else:
@@ -209,7 +215,6 @@ class VM:
             self.qmp.execute("migrate-set-capabilities", capabilities=RAM_NOT_IN_STREAM)
             self.qmp.execute("migrate-incoming", uri=f"fd:{fd}")
         except (HshelperError, OSError) as exc:
-            self.kill()
             raise RestoreFailed(str(exc)) from exc
 
     def _await_restore(self, timeout: float = 60.0) -> None:
@@ -226,15 +231,18 @@ class VM:
                 if status not in ("inmigrate", "prelaunch"):
                     raise RestoreFailed(f"the restored VM is {status}")
                 # Still loading: it starts by itself once loaded (argv: no global state).
-                if not self.qmp.wait_event("RESUME", deadline - time.monotonic()):
+                # This qemu never ran before, so any RESUME counts, also one that came
+                # in the same read as the answer above (on a busy host it often does).
+                if not self.qmp.wait_event("RESUME", deadline - time.monotonic(), since=0):
                     if time.monotonic() >= deadline:
                         raise RestoreFailed(f"the VM did not load within {timeout:g} s")
                     raise RestoreFailed("qemu stopped while loading the state")
-        except (HshelperError, OSError) as exc:
-            self.kill()
+        except (HshelperError, OSError, RestoreFailed) as exc:
+            self.kill()  # also so that its stderr ends, with qemu's own reason last
             err = self.proc.stderr.read().decode(errors="replace").strip() if \
                 self.proc and self.proc.stderr else ""
-            raise RestoreFailed(err.splitlines()[-1] if err else str(exc)) from exc
+            raise RestoreFailed(f"{exc}: {err.splitlines()[-1]}" if err else str(exc)) \
+                from exc
         self.restore_seconds = time.monotonic() - self.activity.started
         self._ready = True  # it said so before it was saved
 
@@ -283,6 +291,13 @@ class VM:
 
     def kill(self) -> None:
         process.kill(self.proc)
+
+    def _abandon(self) -> None:
+        """Drop a VM that never got to run: qemu killed and reaped, our ends closed."""
+        self.kill()
+        self.channels.close()
+        self._close_live_ram()
+        self.activity.finished.set()
 
     def _pump_stdin(self) -> None:
         sock = self.channels.ours[guestabi.STDIN]
