@@ -215,11 +215,11 @@ def find_command(spec: RunSpec, sysroot: Sysroot) -> RunSpec:
 def restores_unsafe(machine: Machine, kernel_version: str,
                     kconfig: dict[str, str]) -> str | None:
     """Why saved states are never used for this machine and kernel, or None: a machine
-    whose restored guests do not run right (Machine.restores), or restores that would
-    share one RNG state (x86 relies on vmgenid in the kernel, the other machines on
+    whose restored guests do not run right (Machine.restore_fault), or restores that
+    would share one RNG state (x86 relies on vmgenid in the kernel, the other machines on
     hshelper.reseed's program and RNDRESEEDCRNG)."""
-    if not machine.restores:
-        return f"a restored {machine.arch} guest gets no timer interrupts under QEMU 7.2"
+    if machine.restore_fault:
+        return f"a restored {machine.arch} guest {machine.restore_fault}"
     if machine.vmgenid:
         if kconfig and kconfig.get("CONFIG_VMGENID") != "y":
             return "the kernel has no CONFIG_VMGENID"

@@ -71,7 +71,7 @@ def test_build_and_a_disk_job_in_the_roots_architecture(name, staged, home):
     assert f"saved VM states: {states}" in info.stdout.decode()
     # The first run boots and saves the VM state; the disk job and the run after it are
     # restored from it (machines without vmgenid reseed the guest's RNG themselves).
-    # Machines whose restores do not run right (Machine.restores) boot every run.
+    # Machines whose restores do not run right (Machine.restore_fault) boot every run.
     uuids = [random_uuid(staged, root, home, "saved" if restores else "booted")]
     script = ("uname -m; printf 'label: gpt\\n,,L\\n' | sfdisk -q $HSHELPER_DISK_OUT && "
               "mkfs.ext4 -q -L arch ${HSHELPER_DISK_OUT}1 && mkdir -p /mnt/t && "
