@@ -162,3 +162,30 @@ def test_info_says_how_saved_states_go_per_machine():
     assert runcmd.states_line(off, machines.lookup("aarch64"), "6.1.0", {}).startswith("off")
     assert runcmd.states_line(on, machines.lookup("x86_64"), "6.1.0", {"X": "y"}).startswith(
         "never (the kernel has no CONFIG_VMGENID)")
+
+
+X86_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model name\t: Intel(R) Xeon(R) CPU @ 2.20GHz
+cpu MHz\t\t: 2200.000
+flags\t\t: fpu vme de pse avx2 avx512f
+processor\t: 1
+model name\t: Intel(R) Xeon(R) CPU @ 2.20GHz
+cpu MHz\t\t: 2199.998
+flags\t\t: fpu vme de pse avx2 avx512f
+"""
+
+
+def test_a_kvm_state_is_keyed_by_the_cpus_model_and_flags():
+    from hshelper.qemu.savedstate import cpu_identity
+    base = cpu_identity(X86_CPUINFO)
+    # The same model with a feature masked (another host, a hypervisor change): another
+    # state, since the guest saved with -cpu host may use that feature.
+    assert cpu_identity(X86_CPUINFO.replace(" avx512f", "")) != base
+    assert cpu_identity(X86_CPUINFO.replace("2.20GHz", "2.60GHz")) != base
+    # What changes from moment to moment is not part of it.
+    assert cpu_identity(X86_CPUINFO.replace("2200.000", "1800.123")) == base
+    arm = "processor\t: 0\nFeatures\t: fp asimd aes\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n"
+    assert cpu_identity(arm) != cpu_identity(arm.replace(" aes", ""))
+    assert cpu_identity("nothing here\n") == "unknown"

@@ -86,17 +86,33 @@ def new_enough(version: str) -> bool:
     return found is None or (int(found[1]), int(found[2])) >= MIN_QEMU
 
 
+# The /proc/cpuinfo lines a KVM state (saved with -cpu host) depends on: the model and
+# the feature flags (x86 "model name", "flags"; arm64 implementer, part, variant,
+# "Features"; s390x "features" and the machine type; ppc64 "cpu" and "revision").
+CPU_KEYS = ("model name", "flags", "CPU implementer", "CPU part", "CPU variant",
+            "Features", "features", "processor 0", "cpu", "revision")
+
+
+def cpu_identity(cpuinfo: str) -> str:
+    """A digest of the first line of each of CPU_KEYS in ``cpuinfo``; "unknown" when
+    there is none."""
+    first: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        key = key.strip()
+        if sep and key in CPU_KEYS and key not in first:
+            first[key] = value.strip()
+    if not first:
+        return "unknown"
+    return hashlib.sha256(json.dumps(first, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def host_cpu() -> str:
     """The host CPU's model and flags (a KVM state holds the CPU's features)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        return cpu_identity(Path("/proc/cpuinfo").read_text())
     except OSError:
         return "unknown"
-    for key in ("model name", "flags", "Features", "cpu"):
-        found = [line for line in text.splitlines() if line.startswith(key)]
-        if found:
-            return hashlib.sha256("\n".join(found[:2]).encode()).hexdigest()[:16]
-    return "unknown"
 
 
 def file_identity(path: Path) -> list:
