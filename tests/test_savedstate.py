@@ -202,9 +202,11 @@ def helper_run_with(root, fault, *argv, cwd=chroot.HOME):
     (GIVEN_UP, "given up on after it loaded"),
 ], ids=["stalled", "given-up"])
 def test_a_restore_that_fails_gives_way_to_a_boot_with_the_same_disk(root, fault, reason):
-    """A qemu that loaded the state holds the run's disk (its image lock): it must be
-    gone before the cold boot opens the disk again. (It was not: the boot failed with
-    qemu's 'Is another process using the image', seen once on s390x under load.)"""
+    """Either way the run boots, with the same disk. A qemu that has loaded the state
+    holds the disk's image lock (one still loading does not: qemu takes it once the
+    load completes), so it must be gone before the boot opens the disk. (It was not:
+    the boot failed with qemu's 'Is another process using the image', seen on s390x
+    under load; the given-up case fails that way on the old code.)"""
     fresh(root)
     work = chroot.fresh_dir(root, "failed-restore")
     run_ok(root, "true")
