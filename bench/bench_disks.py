@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -39,13 +38,14 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 import buildroots  # noqa: E402
 
+from bench import tool  # noqa: E402
+
 WAYS = ("blk-slot", "scsi-slot", "scsi-hot", "blk-hot")
 
 # The experiment's plugin: the SCSI modules in the image, the devices of each way, a
 # second QMP monitor and, for the hot-add ways, a thread that plugs the disk in as soon
 # as the restored guest runs. Its settings come from the environment.
 PLUGIN = r'''
-import json
 import os
 import socket
 import threading
@@ -53,6 +53,7 @@ import time
 
 from hshelper.hookspecs import hookimpl
 from hshelper.model import Contents
+from hshelper.qemu.qmp import QMP
 
 WAY = os.environ["BENCH_WAY"]
 DISK = os.environ["BENCH_DISK"]
@@ -89,26 +90,16 @@ def _hot_add():
             if time.monotonic() > deadline:
                 return
             time.sleep(0.005)
-    reader = sock.makefile("rb")
-    reader.readline()  # greeting
-
-    def execute(command, **arguments):
-        sock.sendall(json.dumps({"execute": command, "arguments": arguments}).encode())
-        while True:
-            message = json.loads(reader.readline())
-            if "return" in message or "error" in message:
-                return message
-
-    execute("qmp_capabilities")
-    while execute("query-status").get("return", {}).get("status") != "running":
+    qmp = QMP(sock)
+    while qmp.execute("query-status").get("status") != "running":
         time.sleep(0.005)
-    execute("blockdev-add", **{"driver": "raw", "node-name": "bhot",
-                               "file": {"driver": "file", "filename": DISK}})
+    qmp.execute("blockdev-add", **{"driver": "raw", "node-name": "bhot",
+                                   "file": {"driver": "file", "filename": DISK}})
     if WAY == "scsi-hot":
-        execute("device_add", driver="scsi-hd", drive="bhot", bus="bscsi.0", id="bhd")
+        qmp.execute("device_add", driver="scsi-hd", drive="bhot", bus="bscsi.0", id="bhd")
     else:
-        execute("device_add", driver="virtio-blk-pci", drive="bhot", id="bhd",
-                addr="0x18")
+        qmp.execute("device_add", driver="virtio-blk-pci", drive="bhot", id="bhd",
+                    addr="0x18")
     sock.close()
 
 
@@ -132,7 +123,7 @@ case $1 in
     echo 0 >/sys/bus/virtio/drivers_autoprobe; modprobe virtio_blk; dev=/dev/vda ;;
 esac
 until [ -b "$dev" ] && [ "$(blockdev --getsize64 "$dev")" = 67108864 ]; do
-  for v in /sys/bus/pci/devices/*:00:18.0/virtio*; do
+  [ "$1" != blk-hot ] || for v in /sys/bus/pci/devices/*:00:18.0/virtio*; do
     [ -e "$v" ] && [ ! -e "$v/driver" ] && echo "${v##*/}" >/sys/bus/virtio/drivers/virtio_blk/bind
   done
   sleep 0.01
@@ -144,11 +135,6 @@ echo "$t0 $t1 $t2"
 '''
 
 
-def helper_run() -> str:
-    beside = Path(sys.executable).parent / "helper-run"
-    return str(beside) if beside.exists() else (shutil.which("helper-run") or "helper-run")
-
-
 def one_run(root: Path, work: Path, cache: Path, way: str, index: int) -> tuple[float, float]:
     """One restored run of ``way``: (wall seconds, seconds the guest waited for the disk)."""
     disk = work / f"disk-{index}.img"
@@ -157,7 +143,7 @@ def one_run(root: Path, work: Path, cache: Path, way: str, index: int) -> tuple[
     monitor = work / f"qmp-{index}.sock"
     env = dict(os.environ, XDG_CACHE_HOME=str(cache), BENCH_WAY=way, BENCH_DISK=str(disk),
                BENCH_QMP=str(monitor))
-    argv = [helper_run(), "--sysroot", str(root), "--accel", "tcg", "--no-share-cwd",
+    argv = [tool("helper-run"), "--sysroot", str(root), "--accel", "tcg", "--no-share-cwd",
             "--quiet", "--timeout", "60", "--set", "run.saved_states=true"]
     if way == "blk-slot":
         argv += ["--disk", f"{disk},name=out"]

@@ -196,7 +196,7 @@ class VM:
             except BaseException:
                 # The caller boots another VM with the same disks: this qemu must be
                 # gone first (it holds their image locks), and so must its heartbeat.
-                self._abandon()
+                self._release()
                 raise
         if self.forward_stdin:
             threading.Thread(target=self._pump_stdin, daemon=True).start()
@@ -292,8 +292,9 @@ class VM:
     def kill(self) -> None:
         process.kill(self.proc)
 
-    def _abandon(self) -> None:
-        """Drop a VM that never got to run: qemu killed and reaped, our ends closed."""
+    def _release(self) -> None:
+        """The end of a VM, served to its end or given up before it ran: qemu killed and
+        reaped, our ends closed, its watchers (heartbeat) told."""
         self.kill()
         self.channels.close()
         self._close_live_ram()
@@ -407,10 +408,7 @@ class VM:
                             break  # something else holds a channel open: stop waiting
             finally:
                 loop.close()
-                self.kill()
-                self.channels.close()
-                self._close_live_ram()
-                self.activity.finished.set()
+                self._release()
         seen = outcome.Observed(
             status=self._status, ready=self._ready, started=self._started,
             elapsed=time.monotonic() - self.activity.started, timed_out=timed_out,
